@@ -1,0 +1,138 @@
+"""y = x·Wᵀ + b for a ConvRot-INT8 weight (codes int8 (N, K), per-row float32 scales (N, 1)).
+
+Because H_g is orthonormal, x·Wᵀ = rot(x)·W_rotᵀ, and the stored codes are W_rot/scale. So the
+weight is never un-rotated at run time: the activation is rotated instead (M·K·g work, not N·K·g).
+
+Modes
+- w8a16: rotate x, then GEMM in x's dtype against codes·scale materialized one tile of rows at a
+  time (a layer never needs a full high-precision copy of its weight).
+- w8a8: rotate x, quantize it per token (dynamic, symmetric), int8×int8→int32 GEMM, rescale by
+  token-scale × row-scale, add bias, cast to x's dtype.
+- auto: w8a8 where an int8 GEMM is fast and M is large enough to be compute-bound, else w8a16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .hadamard import check_group_size
+from .quantize import quantize_rowwise
+from .rotation import check_divisible, rotate
+
+MODES = ("auto", "w8a8", "w8a16")
+# Rows of the weight materialized at once in w8a16: 2048×3840 bf16 is 15 MB.
+W8A16_TILE_ELEMENTS = 1 << 23
+# Below this many tokens a GEMM is bandwidth-bound: reading int8 and widening wins over
+# quantizing the activation (the same crossover other int8 libraries use for GEMV paths).
+W8A8_MIN_TOKENS = 16
+
+
+def resolve_mode(mode: str, x: torch.Tensor, tokens: int) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown INT8 compute mode {mode!r}; choose one of {MODES}")
+    if mode != "auto":
+        return mode
+    if tokens < W8A8_MIN_TOKENS:
+        return "w8a16"
+    if x.device.type == "cuda":
+        return "w8a8" if backends.int8_tensor_cores(x.device) else "w8a16"
+    if x.device.type == "cpu":
+        from .cpu_int8_gemm import fast_backend_available
+        return "w8a8" if fast_backend_available() else "w8a16"
+    return "w8a16"
+
+
+def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size) -> None:
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"expected int8 codes of shape (out, in), got {codes.dtype} {tuple(codes.shape)}")
+    if x.shape[-1] != codes.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features but the INT8 weight expects {codes.shape[1]}")
+    if scale.numel() not in (1, codes.shape[0]):
+        raise ValueError(f"weight scale of shape {tuple(scale.shape)} is neither per-row ({codes.shape[0]}) "
+                         "nor per-tensor")
+    if group_size:
+        check_group_size(group_size)
+        check_divisible(codes.shape[1], group_size, "input dimension")
+
+
+def _rotated(x2: torch.Tensor, group_size) -> torch.Tensor:
+    return rotate(x2, group_size, torch.float32) if group_size else x2.float()
+
+
+def _row_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
+    return scale.float().reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.float().reshape(n, 1)
+
+
+def linear_w8a16(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    xr = _rotated(x2, group_size).to(out_dtype)
+    n, k = codes.shape
+    scales = _row_scales(scale, n).to(out_dtype)
+    step = max(1, W8A16_TILE_ELEMENTS // max(1, k))
+    if step >= n:
+        return F.linear(xr, codes.to(out_dtype) * scales, bias)
+    out = torch.empty((x2.shape[0], n), dtype=out_dtype, device=x2.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        out[:, rows] = F.linear(xr, codes[rows].to(out_dtype) * scales[rows],
+                                None if bias is None else bias[rows])
+    return out
+
+
+def _gemm_rescale_torch(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dtype):
+    y = acc.float().mul_(sx).mul_(sw.reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(out_dtype)
+
+
+def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
+                out_dtype: torch.dtype, packed=None) -> torch.Tensor:
+    n = codes.shape[0]
+    sw = _row_scales(scale, n)
+    backend = backends.select_gemm_backend(x2.device)
+    if backend == "triton":
+        from .triton import int8_gemm_rescale, rotate_quantize
+        qx, sx = rotate_quantize(x2, group_size)
+        return int8_gemm_rescale(qx, sx, codes, sw, bias, out_dtype)
+    qx, sx = quantize_rowwise(_rotated(x2, group_size))
+    if backend == "cpu":
+        from .cpu_int8_gemm import int8_gemm_rowscaled, pack_int8_weight
+        return int8_gemm_rowscaled(qx, sx, packed if packed is not None else pack_int8_weight(codes, sw),
+                                   bias, out_dtype)
+    if backend == "int_mm":
+        return _gemm_rescale_torch(torch._int_mm(qx, codes.t()), sx, sw, bias, out_dtype)
+    # reference: exact integer accumulation in float64 (|sum| < 2**53 for any K below 5e11).
+    acc = qx.double() @ codes.double().t()
+    return _gemm_rescale_torch(acc, sx, sw, bias, out_dtype)
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                group_size: int | None = 64, mode: str = "auto", *, packed=None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ConvRot-INT8 linear layer. `group_size` None/0 means the codes are not rotated.
+
+    `packed` is an optional backend-specific prepacked weight (see `prepack`), reused across calls.
+    """
+    _check(x, codes, scale, group_size)
+    out_dtype = out_dtype or (x.dtype if x.is_floating_point() else torch.float32)
+    x2 = x.reshape(-1, x.shape[-1])
+    if bias is not None:
+        bias = bias.to(device=x.device)
+    chosen = resolve_mode(mode, x, x2.shape[0])
+    if x2.shape[0] == 0:
+        y = x2.new_zeros((0, codes.shape[0]), dtype=out_dtype)
+    elif chosen == "w8a16":
+        y = linear_w8a16(x2, codes, scale, bias, group_size, out_dtype)
+    else:
+        y = linear_w8a8(x2, codes, scale, bias, group_size, out_dtype, packed)
+    return y.reshape(*x.shape[:-1], codes.shape[0])
+
+
+def prepack(codes: torch.Tensor, scale: torch.Tensor):
+    """Backend-specific packed weight for repeated w8a8 calls on CPU (None where nothing to pack)."""
+    if codes.device.type != "cpu":
+        return None
+    from .cpu_int8_gemm import fast_backend_available, pack_int8_weight
+    return pack_int8_weight(codes, _row_scales(scale, codes.shape[0])) if fast_backend_available() else None

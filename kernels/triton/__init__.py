@@ -1,0 +1,1 @@
+"""Fused Triton kernels (filled in below)."""
