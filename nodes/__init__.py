@@ -1,0 +1,22 @@
+"""ComfyUI adapters (V3 node classes, registered through NODE_CLASS_MAPPINGS so that one code path
+serves every ComfyUI that has `comfy_api`). Each submodule exports NODES, a list of node classes."""
+from __future__ import annotations
+
+import importlib
+
+_SUBMODULES = ("loaders", "converter", "inspect")
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+
+for _name in _SUBMODULES:
+    try:
+        _module = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as exc:  # a submodule not written yet; any other error must surface
+        if exc.name != f"{__name__}.{_name}":
+            raise
+        continue
+    for _cls in _module.NODES:
+        _schema = _cls.GET_SCHEMA()
+        NODE_CLASS_MAPPINGS[_schema.node_id] = _cls
+        NODE_DISPLAY_NAME_MAPPINGS[_schema.node_id] = _schema.display_name or _schema.node_id
