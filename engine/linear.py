@@ -1,0 +1,215 @@
+"""The INT8 ConvRot Linear layer without ComfyUI: reading one layer from a state dict, running it,
+and applying LoRA exactly.
+
+A quantized layer holds
+- `weight`: int8 codes (out, in) of the rotated weight (the stored tensor, never modified here),
+- `weight_scale`: float32 row scales (out, 1) (or one scale, (1, 1)),
+- `group_size`: the ConvRot group (None: not rotated), and an optional bias.
+The forward is `kernels.int8_linear` in the chosen mode. On CPU the w8a8 GEMM wants the weight
+prepacked; `PrepackCache` keeps that packed copy and rebuilds it whenever the codes or scales
+change or move (it keys on storage pointer, version counter and device, not on object identity,
+because `Module.to()` swaps `.data` under the same Parameter).
+
+LoRA stays exact without touching the codes: a low-rank term `s · (x·Aᵀ)·Bᵀ` is added to the
+INT8 output (`LowRankTerm`); anything that is not a plain low-rank update is applied to the
+dequantized weight instead (see nodes/ops.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.hadamard import VALID_GROUP_SIZES
+from .errors import FileFormatError
+from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor
+
+# Per-layer keys a quantized Linear may carry besides weight/bias; unknown extras are ignored.
+IGNORED_SUFFIXES = (".input_scale",)
+
+
+@dataclass(frozen=True)
+class Int8Layer:
+    codes: torch.Tensor        # int8 (out, in)
+    scale: torch.Tensor        # float32 (out, 1) or (1, 1)
+    quant: LayerQuant
+
+    @property
+    def group_size(self) -> int | None:
+        return self.quant.group_size
+
+
+def check_layer(codes: torch.Tensor, scale: torch.Tensor, quant: LayerQuant, *, layer: str,
+                out_features: int | None = None, in_features: int | None = None, path=None) -> torch.Tensor:
+    """Validate one stored layer; returns the scale as float32 (out, 1) / (1, 1)."""
+    where = dict(path=path, tensor=f"{layer}.weight")
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise FileFormatError(f"an int8_tensorwise layer must store int8 (out, in) codes, found {codes.dtype} "
+                              f"{list(codes.shape)}", **where, hint="the file is damaged or was written by another tool")
+    out_f, in_f = codes.shape
+    if (out_features is not None and out_f != out_features) or (in_features is not None and in_f != in_features):
+        raise FileFormatError(f"weight shape {list(codes.shape)} does not match the model's Linear "
+                              f"({out_features}, {in_features})", **where,
+                              hint="the file belongs to a different model or size variant")
+    if scale.numel() not in (1, out_f):
+        raise FileFormatError(f"weight_scale has {scale.numel()} values; expected {out_f} (per row) or 1",
+                              path=path, tensor=f"{layer}{SCALE_SUFFIX}")
+    g = quant.group_size
+    if g is not None:
+        if g not in VALID_GROUP_SIZES:
+            raise FileFormatError(f"ConvRot group size {g} is not supported (valid: {VALID_GROUP_SIZES})",
+                                  path=path, tensor=f"{layer}{QUANT_SUFFIX}", hint="re-convert the file")
+        if in_f % g:
+            raise FileFormatError(f"ConvRot group size {g} does not divide the input dimension {in_f}",
+                                  path=path, tensor=f"{layer}{QUANT_SUFFIX}",
+                                  hint="the kernels reject this layer; re-convert with a group size that divides it")
+    if not bool(torch.isfinite(scale).all()):
+        raise FileFormatError("weight_scale holds NaN/Inf", path=path, tensor=f"{layer}{SCALE_SUFFIX}",
+                              hint="the file is damaged; re-convert it")
+    return scale.to(torch.float32).reshape(-1, 1)
+
+
+def pop_int8_layer(state_dict: dict, prefix: str, *, out_features: int | None = None,
+                   in_features: int | None = None, path=None) -> Int8Layer | None:
+    """Take `prefix`weight/weight_scale/comfy_quant out of `state_dict` if the layer is INT8 ConvRot.
+
+    Returns None (and leaves the dict alone) for a layer stored in a float dtype. An int8 weight
+    without its `comfy_quant` description is an error: its rotation cannot be known.
+    """
+    layer = prefix[:-1] if prefix.endswith(".") else prefix
+    conf = state_dict.get(prefix + QUANT_SUFFIX[1:])
+    weight = state_dict.get(prefix + "weight")
+    if conf is None:
+        if weight is not None and weight.dtype == torch.int8:
+            raise FileFormatError("int8 weight without a comfy_quant entry (its ConvRot group size is unknown)",
+                                  path=path, tensor=f"{layer}.weight",
+                                  hint="convert the original with the INT8 ConvRot Converter or ctq --comfy_quant")
+        return None
+    quant = parse_layer_tensor(conf, path=path, layer=layer)
+    if weight is None:
+        raise FileFormatError("comfy_quant entry without a weight", path=path, tensor=f"{layer}{QUANT_SUFFIX}")
+    scale = state_dict.get(prefix + SCALE_SUFFIX[1:])
+    if scale is None:
+        raise FileFormatError("int8 weight without weight_scale", path=path, tensor=f"{layer}.weight",
+                              hint="the file is incomplete; re-convert it")
+    scale = check_layer(weight, scale, quant, layer=layer, out_features=out_features, in_features=in_features,
+                        path=path)
+    for suffix in ("weight", QUANT_SUFFIX[1:], SCALE_SUFFIX[1:]) + tuple(s[1:] for s in IGNORED_SUFFIXES):
+        state_dict.pop(prefix + suffix, None)
+    return Int8Layer(weight, scale, quant)
+
+
+class PrepackCache:
+    """The CPU backend's packed copy of a weight, rebuilt when the codes/scales change or move."""
+
+    def __init__(self):
+        self._key = None
+        self._packed = None
+
+    @staticmethod
+    def _key_of(codes: torch.Tensor, scale: torch.Tensor):
+        return (codes.device, codes.data_ptr(), codes._version, tuple(codes.shape),
+                scale.device, scale.data_ptr(), scale._version)
+
+    def get(self, codes: torch.Tensor, scale: torch.Tensor):
+        if codes.device.type != "cpu":
+            return None
+        key = self._key_of(codes, scale)
+        if key != self._key:
+            self._packed, self._key = None, None
+            self._packed = kernels.prepack(codes, scale)
+            self._key = key
+        return self._packed
+
+    def clear(self) -> None:
+        self._key = self._packed = None
+
+
+@dataclass(frozen=True)
+class LowRankTerm:
+    """y[..., rows] += scale · (x·downᵀ)·upᵀ — one LoRA's exact contribution to a Linear."""
+    down: torch.Tensor            # (rank, in)
+    up: torch.Tensor              # (out or rows, rank)
+    scale: float
+    rows: tuple[int, int] | None = None   # (start, length) of a fused layer's output slice (q/k/v of qkv)
+
+    def to(self, device, dtype) -> "LowRankTerm":
+        return LowRankTerm(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype),
+                           self.scale, self.rows)
+
+    def delta(self, out_features: int, dtype=torch.float32) -> torch.Tensor:
+        """The dense weight update (for tests and for folding)."""
+        d = self.up.to(dtype) @ self.down.to(dtype) * self.scale
+        if self.rows is None:
+            return d
+        full = torch.zeros(out_features, d.shape[1], dtype=dtype, device=d.device)
+        full[self.rows[0]: self.rows[0] + self.rows[1]] = d
+        return full
+
+
+def apply_lowrank(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
+    """Add every term's contribution to y (in place where possible). x and y share leading dims."""
+    for t in terms:
+        down = t.down if t.down.device == x.device and t.down.dtype == x.dtype else t.down.to(x.device, x.dtype)
+        up = t.up if t.up.device == x.device and t.up.dtype == x.dtype else t.up.to(x.device, x.dtype)
+        z = F.linear(F.linear(x, down), up)
+        if t.scale != 1.0:
+            z = z * t.scale
+        if t.rows is None:
+            y = y + z.to(y.dtype)
+        else:
+            start, length = t.rows
+            y[..., start:start + length] += z.to(y.dtype)
+    return y
+
+
+def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int | None, mode: str = "auto", cache: PrepackCache | None = None,
+                 lowrank=()) -> torch.Tensor:
+    """One INT8 ConvRot Linear call; the CPU prepack is used only where w8a8 runs on the CPU GEMM."""
+    packed = None
+    if cache is not None and x.device.type == "cpu" and x.numel():
+        tokens = x.numel() // x.shape[-1]
+        if (kernels.resolve_mode(mode, x, tokens) == "w8a8"
+                and kernels.select_gemm_backend(x.device) == "cpu"):
+            packed = cache.get(codes, scale)
+    y = kernels.int8_linear(x, codes, scale, bias, group_size, mode, packed=packed)
+    if lowrank:
+        y = apply_lowrank(y, x, lowrank)
+    return y
+
+
+class Int8Linear(torch.nn.Module):
+    """A stand-alone INT8 ConvRot Linear (engine, demo and benchmarks; ComfyUI has its own ops)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 group_size: int | None = 64, mode: str = "auto"):
+        super().__init__()
+        if mode not in kernels.MODES:
+            raise ValueError(f"unknown INT8 compute mode {mode!r}; choose one of {kernels.MODES}")
+        self.out_features, self.in_features = codes.shape
+        self.weight = torch.nn.Parameter(codes, requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(scale.float().reshape(-1, 1), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.group_size = group_size
+        self.mode = mode
+        self._cache = PrepackCache()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = 64,
+                   mode: str = "auto") -> "Int8Linear":
+        codes, scale = kernels.quantize_weight(weight, group_size)
+        return cls(codes, scale, bias, group_size, mode)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return kernels.dequantize_weight(self.weight, self.weight_scale, self.group_size, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return int8_forward(x, self.weight, self.weight_scale, bias, self.group_size, self.mode, self._cache)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, mode={self.mode}")

@@ -1,0 +1,220 @@
+"""Preparing a state dict for the INT8 ConvRot loaders (no ComfyUI imports).
+
+- `check_file`: header-only look at a file: clear errors for a damaged/truncated file, and counts of
+  INT8 ConvRot layers and float Linear weights (so "not an INT8 ConvRot file" is known before any
+  tensor is read).
+- `prepare_state_dict`: the state dict the ComfyUI ops load: per-layer `comfy_quant` tensors
+  restored from the header's `_quantization_metadata` where a tool wrote only the header, every
+  INT8 layer validated up front (format, group size the kernels accept, scale shape), and, on
+  request, float Linear weights quantized on the fly (quantize on load) with the same layer choice
+  and the same codes as the converter (`policy` presets, `kernels.quantize_weight`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from .errors import FileFormatError, Int8ConvRotError
+from .format import QUANT_SUFFIX, SCALE_SUFFIX, parse_layer_tensor, parse_metadata
+from .linear import check_layer
+from .safetensors_header import read_header
+
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+# Checkpoint prefixes in front of a DiT's own keys (ComfyUI strips them when it loads a model).
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    path: str
+    int8_layers: int          # tensors with a comfy_quant entry in the int8_tensorwise format
+    other_quant_layers: int   # comfy_quant entries in another format (fp8, nvfp4)
+    float_linears: int        # 2-D floating-point `.weight` tensors
+    total_bytes: int
+
+
+def check_file(path) -> FileSummary:
+    """Read only the header; raises FileFormatError for non-safetensors, truncated or malformed files."""
+    header = read_header(path)
+    layers = parse_metadata(header.metadata, path=path) or {}
+    int8 = other = floats = 0
+    for name, entry in header.tensors.items():
+        if name.endswith(QUANT_SUFFIX):
+            continue
+        if name.endswith(".weight") and len(entry.shape) == 2 and entry.dtype in ("BF16", "F16", "F32", "F8_E4M3",
+                                                                                  "F8_E5M2"):
+            floats += 1
+    quant_keys = [k for k in header.tensors if k.endswith(QUANT_SUFFIX)]
+    if quant_keys:
+        # The per-layer JSON is tiny but lives in the data section: read just those bytes.
+        with open(path, "rb") as f:
+            for k in quant_keys:
+                e = header.tensors[k]
+                f.seek(e.begin)
+                try:
+                    fmt = json.loads(f.read(e.nbytes).decode("utf-8")).get("format")
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise FileFormatError("comfy_quant is not valid JSON", path=path, tensor=k) from None
+                if fmt == "int8_tensorwise":
+                    int8 += 1
+                else:
+                    other += 1
+    else:
+        int8 = sum(1 for lq in layers.values() if lq.format == "int8_tensorwise")
+    return FileSummary(str(path), int8, other, floats, header.file_size)
+
+
+def _strip_prefix(keys) -> list[str]:
+    for p in MODEL_PREFIXES:
+        if any(k.startswith(p) for k in keys):
+            return [k[len(p):] for k in keys if k.startswith(p)]
+    return list(keys)
+
+
+def restore_layer_entries(sd: dict, metadata: dict | None, path=None) -> int:
+    """Add `P.comfy_quant` tensors for layers described only in the header metadata. Returns how many."""
+    layers = parse_metadata(metadata, path=path)
+    if not layers:
+        return 0
+    added = 0
+    for name, lq in layers.items():
+        key = f"{name}{QUANT_SUFFIX}"
+        if key not in sd and f"{name}.weight" in sd and sd[f"{name}.weight"].dtype == torch.int8:
+            sd[key] = lq.to_tensor()
+            added += 1
+    return added
+
+
+def _layer_json(t: torch.Tensor, path, layer) -> dict:
+    try:
+        return json.loads(bytes(t.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"comfy_quant is not valid JSON ({exc})", path=path, tensor=f"{layer}{QUANT_SUFFIX}") \
+            from None
+
+
+def dequantize_other_formats(sd: dict, path=None) -> int:
+    """Turn fp8 mixed-precision layers (comfy_quant float8_*) back into bf16 weights (for quantize on load)."""
+    n = 0
+    for key in [k for k in sd if k.endswith(QUANT_SUFFIX)]:
+        layer = key[: -len(QUANT_SUFFIX)]
+        cfg = _layer_json(sd[key], path, layer)
+        fmt = cfg.get("format")
+        if fmt == "int8_tensorwise":
+            continue
+        if fmt not in FP8_FORMATS:
+            raise FileFormatError(f"layer format {fmt!r} cannot be re-quantized to INT8 ConvRot", path=path,
+                                  tensor=key, hint="start from the bf16/fp16 original")
+        w = sd[f"{layer}.weight"].float()
+        scale = sd.pop(f"{layer}{SCALE_SUFFIX}", None)
+        if scale is not None:
+            w = w * scale.float()
+        sd[f"{layer}.weight"] = w.to(torch.bfloat16)
+        sd.pop(key)
+        sd.pop(f"{layer}.input_scale", None)
+        n += 1
+    return n
+
+
+def validate_int8_layers(sd: dict, path=None) -> int:
+    """Check every INT8 layer before a model is built; returns the number of INT8 layers."""
+    n = 0
+    for key in [k for k in sd if k.endswith(QUANT_SUFFIX)]:
+        layer = key[: -len(QUANT_SUFFIX)]
+        quant = parse_layer_tensor(sd[key], path=path, layer=layer)
+        codes = sd.get(f"{layer}.weight")
+        scale = sd.get(f"{layer}{SCALE_SUFFIX}")
+        if codes is None or scale is None:
+            raise FileFormatError("INT8 layer without its weight or weight_scale", path=path, tensor=key,
+                                  hint="the file is incomplete; re-convert it")
+        check_layer(codes, scale, quant, layer=layer, path=path)
+        n += 1
+    for key, t in sd.items():
+        if t.dtype == torch.int8 and key.endswith(".weight") and f"{key[:-len('.weight')]}{QUANT_SUFFIX}" not in sd:
+            raise FileFormatError("int8 weight without a comfy_quant entry (its ConvRot group size is unknown)",
+                                  path=path, tensor=key,
+                                  hint="convert the original with the INT8 ConvRot Converter or ctq --comfy_quant")
+    return n
+
+
+def resolve_preset(preset: str, keys) -> str:
+    from .policy import detect_preset
+    if preset in ("auto", None):
+        return detect_preset(_strip_prefix(keys))[0]
+    return preset
+
+
+def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, scaling: str = "row",
+                        device: torch.device | str | None = None, on_tensor=None) -> tuple[dict, dict]:
+    """Quantize a float state dict in memory (quantize on load): the converter's layer choice
+    (`policy` presets) and codes (`kernels.quantize_weight`, bit-identical to convert-to-quant).
+
+    Tensors are processed one at a time (on `device`, e.g. the GPU, then back to the CPU) and each
+    float source tensor is dropped as soon as its codes exist, so the peak stays near one copy of
+    the model. Returns (state dict, {"preset", "quantized", "kept"}).
+    """
+    from .policy import get_policy
+    name = resolve_preset(preset, sd.keys())
+    policy = get_policy(name, group_size=group_size, scaling=scaling)
+    device = torch.device(device) if device is not None else None
+    quantized = kept = 0
+    for key in list(sd):
+        t = sd[key]
+        stripped = _strip_prefix([key])[0] if any(key.startswith(p) for p in MODEL_PREFIXES) else key
+        lq = policy.decide(stripped, t.shape, t.dtype)
+        if lq is None:
+            kept += t.dim() == 2 and key.endswith(".weight")
+            continue
+        layer = key[: -len(".weight")]
+        src = t.to(device) if device is not None else t
+        codes, scale = kernels.quantize_weight(src, lq.group_size, scaling, name=key)
+        sd[key] = codes.cpu()
+        sd[f"{layer}{SCALE_SUFFIX}"] = scale.float().cpu()
+        sd[f"{layer}{QUANT_SUFFIX}"] = lq.to_tensor()
+        del src, t
+        quantized += 1
+        if on_tensor is not None:
+            on_tensor()
+    return sd, {"preset": name, "quantized": quantized, "kept": kept}
+
+
+def count_quantizable(sd: dict, preset: str = "auto", group_size: int = 64) -> int:
+    from .policy import get_policy
+    policy = get_policy(resolve_preset(preset, sd.keys()), group_size=group_size)
+    return sum(1 for k, t in sd.items()
+               if policy.decide(_strip_prefix([k])[0] if any(k.startswith(p) for p in MODEL_PREFIXES) else k,
+                                t.shape, t.dtype) is not None)
+
+
+def prepare_state_dict(sd: dict, metadata: dict | None = None, *, path=None, quantize: str | None = None,
+                       group_size: int = 64, device=None, on_tensor=None) -> tuple[dict, dict]:
+    """The state dict our ops load, validated. `quantize`: None/"off" (the file must be INT8 ConvRot)
+    or a preset ("auto", "zimage", "qwen3", "generic") for the float layers of a bf16/fp16/fp8 file.
+    Returns (state dict, report)."""
+    restore_layer_entries(sd, metadata, path)
+    report = {"path": str(path) if path else None, "quantized_on_load": 0, "preset": None}
+    has_int8 = any(_layer_json(sd[k], path, k[: -len(QUANT_SUFFIX)]).get("format") == "int8_tensorwise"
+                   for k in sd if k.endswith(QUANT_SUFFIX))
+    if quantize in (None, "off"):
+        if not has_int8:
+            raise FileFormatError(
+                "not an INT8 ConvRot file: it has no int8_tensorwise layers", path=path,
+                hint="set quantize_on_load to 'auto' to quantize this bf16/fp16/fp8 model while loading, or "
+                     "convert it once with the INT8 ConvRot Converter; fp8/bf16 files also load with ComfyUI's "
+                     "own loaders")
+    elif not has_int8:
+        dequantize_other_formats(sd, path)
+        try:
+            kernels.check_group_size(group_size)
+        except ValueError as exc:
+            raise Int8ConvRotError(str(exc)) from None
+        sd, q = quantize_state_dict(sd, quantize, group_size, device=device, on_tensor=on_tensor)
+        if q["quantized"] == 0:
+            raise Int8ConvRotError(f"quantize on load ({q['preset']} preset) found no Linear weight to quantize",
+                                   hint="is this a diffusion model / text encoder file?")
+        report.update(quantized_on_load=q["quantized"], preset=q["preset"])
+    report["int8_layers"] = validate_int8_layers(sd, path)
+    return sd, report

@@ -1,0 +1,382 @@
+"""ComfyUI operations for INT8 ConvRot models (passed as `model_options["custom_operations"]`).
+
+`make_ops(mode)` returns a `comfy.ops.manual_cast` subclass whose `Linear` keeps a quantized layer
+as int8 codes + float32 row scales (+ group size) and runs `kernels.int8_linear`; every other layer
+(and a Linear the file keeps in bf16/fp16/fp32) behaves exactly like ComfyUI's manual_cast.
+
+How it cooperates with ComfyUI's model management (0.8.0's comfy/ops.py and model_patcher.py):
+- Memory: the state dict holds the int8 codes, so `module_size` (and --lowvram / partial offload
+  decisions) count one byte per weight. Offloaded layers move to the compute device as int8.
+- LoRA, three exact paths, none of which modifies the codes:
+  1. `Int8ModelPatcher.patch_weight_to_device` turns plain LoRA patches into low-rank terms added
+     to the INT8 output (the GEMM stays int8; no dense weight is materialized);
+  2. lowvram: `LowVramPatch` entries in `weight_function` are turned into the same low-rank terms
+     per call; other weight functions run on the dequantized float32 weight;
+  3. anything else (LoHa, LoKr, DoRA, diffs, model merges, `force_patch_weights` for saving)
+     goes through ComfyUI's own `convert_weight` → `calculate_weight` → `set_weight`: the weight is
+     dequantized in float32, patched, and stored densely in the layer's dtype.
+  Unpatching reassigns the original codes tensor (`ModelPatcher.backup`), which clears every
+  derived state here (low-rank terms, dense weight, CPU prepack): the codes come back bit for bit.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+import comfy.utils
+
+from .. import kernels
+from ..engine.errors import Int8ConvRotError
+from ..engine.format import INT8_FORMAT
+from ..engine.linear import LowRankTerm, PrepackCache, int8_forward, pop_int8_layer
+
+log = logging.getLogger(__name__)
+
+# Set by the loaders while a state dict is loaded: called once per Linear layer (progress bar),
+# and the file path used in error messages.
+_LOAD_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("int8_convrot_load_context", default=None)
+
+
+@contextlib.contextmanager
+def load_context(path=None, on_layer=None):
+    token = _LOAD_CONTEXT.set((path, on_layer))
+    try:
+        yield
+    finally:
+        _LOAD_CONTEXT.reset(token)
+
+
+_Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ModelPatcher.backup's record type
+_FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _run_every_op():
+    hook = getattr(comfy.ops, "run_every_op", None)
+    if hook is not None:
+        hook()
+
+
+def lowrank_terms(patches, out_features: int):
+    """ModelPatcher patch entries → [LowRankTerm], or None if any entry is not a plain LoRA.
+
+    Exactness contract (comfy/weight_adapter/lora.py): a LoRA adds strength·(alpha/rank)·up·down
+    to the weight, or to the rows [start, start+len) of it when the patch has an offset on dim 0.
+    """
+    try:
+        from comfy.weight_adapter.lora import LoRAAdapter
+    except ImportError:  # older ComfyUI: only the dense path
+        return None
+    terms = []
+    for entry in patches:
+        strength, adapter, strength_model, offset, function = (tuple(entry) + (None,) * 5)[:5]
+        if not isinstance(adapter, LoRAAdapter) or function is not None or strength_model != 1.0:
+            return None
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        if mid is not None or dora_scale is not None or reshape is not None or up.dim() != 2 or down.dim() != 2:
+            return None
+        rows = None
+        if offset is not None:
+            if offset[0] != 0:
+                return None
+            rows = (int(offset[1]), int(offset[2]))
+            if up.shape[0] != rows[1]:
+                return None
+        elif up.shape[0] != out_features:
+            return None
+        if strength == 0.0:
+            continue
+        scale = float(strength) * (float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        terms.append(LowRankTerm(down, up, scale, rows))
+    return terms
+
+
+class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
+    """manual_cast.Linear that can hold an INT8 ConvRot layer (see the module docstring)."""
+
+    compute_mode = "auto"
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        # Placeholders until the state dict arrives: a quantized layer never allocates a float weight.
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+        self.register_parameter("weight_scale", None)
+        self._bias_expected = bias
+        self._init_device, self._init_dtype = device, dtype
+        self.group_size = None
+        self.quant = None            # LayerQuant of a quantized layer
+        self._lowrank = ()           # low-rank LoRA terms (set by Int8ModelPatcher)
+        self._lvp_cache = None       # (weight_function identity, terms) for lowvram patches
+        self._pack = PrepackCache()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def __setattr__(self, name, value):
+        if name == "weight" and "_pack" in self.__dict__:
+            # Any (re)assignment of the weight (load, set_weight, ModelPatcher's unpatch) resets what
+            # was derived from the previous one.
+            self._pack.clear()
+            object.__setattr__(self, "_lowrank", ())
+            object.__setattr__(self, "_lvp_cache", None)
+        super().__setattr__(name, value)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight is not None and self.weight.dtype == torch.int8
+
+    @property
+    def dense_dtype(self) -> torch.dtype:
+        """dtype of a dequantized-and-patched weight: the model's dtype, else the file's original."""
+        for dt in (self._init_dtype, getattr(self.quant, "orig_dtype", None)):
+            if dt in _FLOAT_STORAGE:
+                return dt
+        return torch.bfloat16
+
+    @property
+    def comfy_quant(self):
+        """The layer's `comfy_quant` tensor (ModelPatcher resolves every state-dict key as an attribute)."""
+        return None if self.quant is None or not self.is_quantized else self.quant.to_tensor()
+
+    def set_lowrank(self, terms, device=None) -> None:
+        dtype = self.dense_dtype
+        object.__setattr__(self, "_lowrank", tuple(t.to(device if device is not None else self.weight.device, dtype)
+                                                   for t in terms))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        path, on_layer = _LOAD_CONTEXT.get() or (None, None)
+        device = self._init_device
+        layer = pop_int8_layer(state_dict, prefix, out_features=self.out_features, in_features=self.in_features,
+                               path=path)
+        if layer is not None:
+            self.quant = layer.quant
+            self.group_size = layer.group_size
+            self.weight = torch.nn.Parameter(layer.codes.to(device=device), requires_grad=False)
+            self.weight_scale = torch.nn.Parameter(layer.scale.to(device=device), requires_grad=False)
+        else:
+            weight = state_dict.pop(prefix + "weight", None)
+            if weight is None:
+                missing_keys.append(prefix + "weight")
+            else:
+                dtype = self._init_dtype if self._init_dtype is not None else weight.dtype
+                self.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+        bias = state_dict.pop(prefix + "bias", None)
+        if self._bias_expected:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+            else:
+                dtype = self._init_dtype if self._init_dtype in _FLOAT_STORAGE else bias.dtype
+                self.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        elif bias is not None:
+            unexpected_keys.append(prefix + "bias")
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            unexpected_keys.append(key)
+        if on_layer is not None:
+            on_layer()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_quantized:
+            destination[prefix + "comfy_quant"] = self.quant.to_tensor()
+        else:  # a float layer, or a quantized one whose weight is dense-patched: no scale belongs to it
+            destination.pop(prefix + "weight_scale", None)
+
+    # -- the hooks ModelPatcher uses for full-load patches ----------------------------------------
+
+    def convert_weight(self, weight, inplace=False, **kwargs):
+        """ModelPatcher hands over the stored weight cast to a float dtype: dequantize the codes."""
+        if self.weight_scale is None:
+            return weight
+        return kernels.dequantize_weight(weight, self.weight_scale.to(weight.device), self.group_size, torch.float32)
+
+    def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+        """Store a patched weight densely; the int8 codes stay in ModelPatcher's backup, untouched."""
+        if self.weight_scale is None:  # a float layer: what ComfyUI would do
+            dtype = self.weight.dtype
+            if dtype in _FLOAT_STORAGE:
+                weight = weight.to(dtype)
+            else:
+                import comfy.float
+                weight = comfy.float.stochastic_rounding(weight, dtype, seed=seed)
+            if return_weight:
+                return weight
+            if inplace_update:
+                self.weight.data.copy_(weight)
+            else:
+                self.weight = torch.nn.Parameter(weight, requires_grad=False)
+            return None
+        weight = weight.to(self.dense_dtype)
+        if return_weight:
+            return weight
+        if inplace_update:
+            raise Int8ConvRotError(
+                "in-place weight patching (ComfyUI hook/scheduled LoRA) is not supported on INT8 ConvRot layers",
+                hint="apply the LoRA with LoraLoader / LoraLoaderModelOnly instead")
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        return None
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _cast_to(self, x):
+        """codes, scale and bias on x's device (async offload stream where ComfyUI has one)."""
+        mm = comfy.model_management
+        device = x.device
+        stream = None
+        if self.weight.device != device and hasattr(mm, "get_offload_stream"):
+            stream = mm.get_offload_stream(device)
+        non_blocking = mm.device_supports_non_blocking(device)
+        codes = mm.cast_to(self.weight, None, device, non_blocking=non_blocking, stream=stream)
+        scale = mm.cast_to(self.weight_scale, None, device, non_blocking=non_blocking, stream=stream)
+        bias = None
+        if self.bias is not None:
+            bias = mm.cast_to(self.bias, x.dtype, device, non_blocking=non_blocking,
+                              copy=len(self.bias_function) > 0, stream=stream)
+        if stream is not None and hasattr(mm, "sync_stream"):
+            mm.sync_stream(device, stream)
+        bias_a = bias
+        for f in self.bias_function:
+            bias = f(bias)
+        return codes, scale, bias, (stream, codes, bias_a)
+
+    def _lowvram_lowrank(self):
+        """Low-rank terms for lowvram LowVramPatch functions, or None if a function needs the dense path."""
+        fns = self.weight_function
+        key = tuple(id(f) for f in fns) + tuple(len(getattr(f, "patches", {}).get(getattr(f, "key", None), ()))
+                                                for f in fns)
+        if self._lvp_cache is not None and self._lvp_cache[0] == key:
+            return self._lvp_cache[1]
+        terms = []
+        for f in fns:
+            if not isinstance(f, comfy.model_patcher.LowVramPatch):
+                terms = None
+                break
+            t = lowrank_terms(f.patches[f.key], self.out_features)
+            if t is None:
+                terms = None
+                break
+            terms.extend(t)
+        object.__setattr__(self, "_lvp_cache", (key, None if terms is None else tuple(terms)))
+        return self._lvp_cache[1]
+
+    def forward(self, input, *args, **kwargs):
+        if self.weight is None:
+            raise Int8ConvRotError(f"Linear({self.in_features}, {self.out_features}) has no weight: the file lacks "
+                                   "this layer", hint="the file is incomplete or belongs to another model")
+        if not self.is_quantized:
+            _run_every_op()
+            return self.forward_comfy_cast_weights(input, *args, **kwargs)
+        _run_every_op()
+        codes, scale, bias, handle = self._cast_to(input)
+        lowrank = self._lowrank
+        if self.weight_function:
+            extra = self._lowvram_lowrank()
+            if extra is None:  # any other weight function: the dequantized weight, in float32
+                w = kernels.dequantize_weight(codes, scale, self.group_size, torch.float32)
+                for f in self.weight_function:
+                    w = f(w)
+                y = F.linear(input, w.to(input.dtype), bias)
+                if lowrank:
+                    from ..engine.linear import apply_lowrank
+                    y = apply_lowrank(y, input, lowrank)
+                self._uncast(codes, bias, handle)
+                return y
+            lowrank = lowrank + extra
+        y = int8_forward(input, codes, scale, bias, self.group_size, self.compute_mode,
+                         self._pack if codes is self.weight else None, lowrank)
+        self._uncast(codes, bias, handle)
+        return y
+
+    def _uncast(self, codes, bias, handle):
+        uncast = getattr(comfy.ops, "uncast_bias_weight", None)
+        if uncast is not None and handle[0] is not None:
+            uncast(self, codes, bias, handle)
+
+    def extra_repr(self) -> str:
+        q = f", int8 group_size={self.group_size}, mode={self.compute_mode}" if self.is_quantized else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{q}"
+
+
+def make_ops(mode: str = "auto"):
+    """A fresh operations class whose quantized Linears compute in `mode` (auto | w8a8 | w8a16)."""
+    if mode not in kernels.MODES:
+        raise ValueError(f"unknown INT8 compute mode {mode!r}; choose one of {kernels.MODES}")
+
+    class Int8ConvRotOps(comfy.ops.manual_cast):
+        class Linear(Int8ConvRotLinear):
+            compute_mode = mode
+
+    Int8ConvRotOps.__name__ = Int8ConvRotOps.__qualname__ = f"Int8ConvRotOps_{mode}"
+    return Int8ConvRotOps
+
+
+class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher that applies plain LoRA patches to INT8 ConvRot layers as low-rank terms.
+
+    Only `patch_weight_to_device` differs, and only for quantized Linear weights whose patches are
+    all plain LoRAs: the codes go to `backup` by reference (as ModelPatcher does for non in-place
+    updates) and the terms go to the layer. When `force_patch_weights` is asked (saving a model),
+    the patches are folded into a dense weight instead so that the saved state dict carries them.
+    """
+
+    _fold_patches = False
+
+    @classmethod
+    def adopt(cls, patcher: comfy.model_patcher.ModelPatcher) -> "Int8ModelPatcher":
+        """Take over a freshly built ModelPatcher (same model, options and state) as this class."""
+        if isinstance(patcher, cls):
+            return patcher
+        n = cls(patcher.model, patcher.load_device, patcher.offload_device, patcher.model_size(),
+                weight_inplace_update=patcher.weight_inplace_update)
+        n.__dict__.update(patcher.__dict__)
+        return n
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        self._fold_patches = force_patch_weights
+        try:
+            return super().load(device_to, lowvram_model_memory=lowvram_model_memory,
+                                force_patch_weights=force_patch_weights, full_load=full_load)
+        finally:
+            self._fold_patches = False
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        self._fold_patches = force_patch_weights
+        try:
+            return super().partially_unload(device_to, memory_to_free=memory_to_free,
+                                            force_patch_weights=force_patch_weights)
+        finally:
+            self._fold_patches = False
+
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+        if key in self.patches and key.endswith(".weight") and not self._fold_patches:
+            module = comfy.utils.get_attr(self.model, key[: -len(".weight")])
+            if isinstance(module, Int8ConvRotLinear) and module.is_quantized:
+                terms = lowrank_terms(self.patches[key], module.out_features)
+                if terms is not None:
+                    if key not in self.backup:
+                        self.backup[key] = _Backup(module.weight, False)
+                    module.set_lowrank(terms, device_to)
+                    return
+        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+
+
+def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
+    """(quantized Linear layers, all Linear layers of our ops) in a model."""
+    q = n = 0
+    for m in model.modules():
+        if isinstance(m, Int8ConvRotLinear):
+            n += 1
+            q += m.is_quantized
+    return q, n
+
+
+__all__ = ["INT8_FORMAT", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
+           "lowrank_terms", "make_ops"]
