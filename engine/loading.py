@@ -149,36 +149,57 @@ def resolve_preset(preset: str, keys) -> str:
 
 def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, scaling: str = "row",
                         device: torch.device | str | None = None, on_tensor=None) -> tuple[dict, dict]:
-    """Quantize a float state dict in memory (quantize on load): the converter's layer choice
-    (`policy` presets) and codes (`kernels.quantize_weight`, bit-identical to convert-to-quant).
+    """Quantize a float state dict in memory (quantize on load) with the converter's engine
+    (`convert.quantize_tensors`: the `policy` presets' layer choice, codes bit-identical to
+    convert-to-quant's).
 
-    Tensors are processed one at a time (on `device`, e.g. the GPU, then back to the CPU) and each
-    float source tensor is dropped as soon as its codes exist, so the peak stays near one copy of
-    the model. Returns (state dict, {"preset", "quantized", "kept"}).
+    Tensors stream through one at a time (on `device`, e.g. the GPU, then back to the CPU) and each
+    float source tensor leaves the dict as its codes arrive, so the peak stays near one copy of the
+    model. Returns (state dict, {"preset", "quantized", "kept"}).
     """
     from .policy import get_policy
     name = resolve_preset(preset, sd.keys())
     policy = get_policy(name, group_size=group_size, scaling=scaling)
-    device = torch.device(device) if device is not None else None
-    quantized = kept = 0
-    for key in list(sd):
-        t = sd[key]
-        stripped = _strip_prefix([key])[0] if any(key.startswith(p) for p in MODEL_PREFIXES) else key
-        lq = policy.decide(stripped, t.shape, t.dtype)
-        if lq is None:
-            kept += t.dim() == 2 and key.endswith(".weight")
-            continue
-        layer = key[: -len(".weight")]
-        src = t.to(device) if device is not None else t
-        codes, scale = kernels.quantize_weight(src, lq.group_size, scaling, name=key)
-        sd[key] = codes.cpu()
-        sd[f"{layer}{SCALE_SUFFIX}"] = scale.float().cpu()
-        sd[f"{layer}{QUANT_SUFFIX}"] = lq.to_tensor()
-        del src, t
-        quantized += 1
-        if on_tensor is not None:
-            on_tensor()
+    dev = "auto" if device is None else str(torch.device(device).type)
+    out: dict = {}
+    quantized = 0
+
+    def drain():
+        for k in list(sd):
+            yield k, sd.pop(k)
+
+    for key, t in _quantize_tensors(drain(), policy, dev):
+        out[key] = t
+        if key.endswith(QUANT_SUFFIX):
+            quantized += 1
+            if on_tensor is not None:
+                on_tensor()
+    sd.update(out)
+    kept = sum(1 for k, t in sd.items() if t.dim() == 2 and k.endswith(".weight") and t.is_floating_point())
     return sd, {"preset": name, "quantized": quantized, "kept": kept}
+
+
+def _quantize_tensors(items, policy, device: str):
+    """The converter's quantize_tensors; a minimal stand-in (same kernels, same format) if it is absent."""
+    try:
+        from .convert import quantize_tensors
+    except ImportError:
+        quantize_tensors = None
+    if quantize_tensors is not None:
+        yield from quantize_tensors(items, policy, device=device)
+        return
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    for key, t in items:
+        lq = policy.decide(key, t.shape, t.dtype)
+        if lq is None:
+            yield key, t
+            continue
+        codes, scale = kernels.quantize_weight(t.to(dev), lq.group_size, policy.scaling, name=key)
+        layer = key[: -len(".weight")]
+        yield key, codes.cpu()
+        yield f"{layer}{SCALE_SUFFIX}", scale.float().cpu()
+        yield f"{layer}{QUANT_SUFFIX}", lq.to_tensor()
 
 
 def count_quantizable(sd: dict, preset: str = "auto", group_size: int = 64) -> int:
