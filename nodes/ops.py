@@ -35,8 +35,7 @@ import comfy.utils
 
 from .. import kernels
 from ..engine.errors import Int8ConvRotError
-from ..engine.format import INT8_FORMAT
-from ..engine.linear import LowRankTerm, PrepackCache, int8_forward, pop_int8_layer
+from ..engine.linear import LowRankTerm, PrepackCache, apply_lowrank, int8_forward, pop_int8_layer
 
 log = logging.getLogger(__name__)
 
@@ -248,24 +247,28 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         return codes, scale, bias, (stream, codes, bias_a)
 
     def _lowvram_lowrank(self):
-        """Low-rank terms for lowvram LowVramPatch functions, or None if a function needs the dense path."""
-        fns = self.weight_function
-        key = tuple(id(f) for f in fns) + tuple(len(getattr(f, "patches", {}).get(getattr(f, "key", None), ()))
-                                                for f in fns)
-        if self._lvp_cache is not None and self._lvp_cache[0] == key:
-            return self._lvp_cache[1]
+        """Low-rank terms for lowvram LowVramPatch functions, or None if a function needs the dense path.
+
+        Cached while the same function objects see the same patch lists (identity and length: a
+        ModelPatcher appends to its lists in place); the cache holds the objects, so no id is reused."""
+        fns = tuple(self.weight_function)
+        lists = tuple(getattr(f, "patches", {}).get(getattr(f, "key", None)) for f in fns)
+        lens = tuple(len(p) if p is not None else -1 for p in lists)
+        c = self._lvp_cache
+        if (c is not None and len(c[0]) == len(fns) and all(a is b for a, b in zip(c[0], fns))
+                and all(a is b for a, b in zip(c[1], lists)) and c[2] == lens):
+            return c[3]
         terms = []
-        for f in fns:
-            if not isinstance(f, comfy.model_patcher.LowVramPatch):
-                terms = None
-                break
-            t = lowrank_terms(f.patches[f.key], self.out_features)
+        for f, patches in zip(fns, lists):
+            t = lowrank_terms(patches, self.out_features) if isinstance(f, comfy.model_patcher.LowVramPatch) \
+                else None
             if t is None:
                 terms = None
                 break
             terms.extend(t)
-        object.__setattr__(self, "_lvp_cache", (key, None if terms is None else tuple(terms)))
-        return self._lvp_cache[1]
+        terms = None if terms is None else tuple(terms)
+        object.__setattr__(self, "_lvp_cache", (fns, lists, lens, terms))
+        return terms
 
     def forward(self, input, *args, **kwargs):
         if self.weight is None:
@@ -277,6 +280,8 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         _run_every_op()
         codes, scale, bias, handle = self._cast_to(input)
         lowrank = self._lowrank
+        if not self.weight_function and self._lvp_cache is not None:
+            object.__setattr__(self, "_lvp_cache", None)   # lowvram patches were wiped: drop their references
         if self.weight_function:
             extra = self._lowvram_lowrank()
             if extra is None:  # any other weight function: the dequantized weight, in float32
@@ -285,7 +290,6 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
                     w = f(w)
                 y = F.linear(input, w.to(input.dtype), bias)
                 if lowrank:
-                    from ..engine.linear import apply_lowrank
                     y = apply_lowrank(y, input, lowrank)
                 self._uncast(codes, bias, handle)
                 return y
@@ -378,5 +382,5 @@ def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
     return q, n
 
 
-__all__ = ["INT8_FORMAT", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
+__all__ = ["Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
            "lowrank_terms", "make_ops"]
