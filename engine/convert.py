@@ -177,8 +177,10 @@ def _quantize_step(step: _Step, device, where, workers: int = 1, sink=None):
                                  name=step.name)
         return quantize_layer(step.fetch(), quant, device=device, name=step.name, workers=workers, sink=sink)
     except NonFiniteError as exc:
-        raise Int8ConvRotError(str(exc).split(": ", 1)[-1] if str(exc).startswith(step.name) else str(exc),
-                               path=where, tensor=step.name,
+        msg = str(exc)
+        for prefix in (f"{step.name} has ", f"{step.name}: "):   # the tensor is named by the error itself
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        raise Int8ConvRotError(msg, path=where, tensor=step.name,
                                hint="or keep this layer as it is with --exclude") from None
 
 
