@@ -146,9 +146,10 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         return None if self.quant is None or not self.is_quantized else self.quant.to_tensor()
 
     def set_lowrank(self, terms, device=None) -> None:
-        dtype = self.dense_dtype
-        object.__setattr__(self, "_lowrank", tuple(t.to(device if device is not None else self.weight.device, dtype)
-                                                   for t in terms))
+        """Attach LoRA terms (moved to `device`, kept in their own dtype: they are cast to the
+        activation's dtype per call, so a bf16 model does not round an fp32 LoRA twice)."""
+        device = device if device is not None else self.weight.device
+        object.__setattr__(self, "_lowrank", tuple(t.to(device, t.down.dtype) for t in terms))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

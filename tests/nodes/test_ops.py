@@ -288,3 +288,33 @@ def test_qwen3_text_encoder(comfy, tefiles, tiny_qwen3_detected):
     else:
         y8 = encode(c8)
     assert rel_err(r, y8) < 0.08 and cosine(r, y8) > 0.997
+
+
+def test_qwen3_lora_through_stock_lora_loader(comfy, tefiles, tiny_qwen3_detected, tmp_path):
+    """Stock LoraLoader (CLIP strength only) on our text encoder: exact vs the float model + LoRA,
+    and the unpatched encoder gives its original output again."""
+    import comfy.sd
+    import folder_paths
+    import nodes
+    from comfyui_int8_convrot.nodes.loaders import load_text_encoder
+    from comfyui_int8_convrot.nodes.ops import Int8ModelPatcher
+    gen = torch.Generator().manual_seed(4)
+    pre = "text_encoders.qwen3_4b.transformer.model.layers"
+    lora = {}
+    for name, (o, i) in {"0.self_attn.q_proj": (256, 256), "1.mlp.down_proj": (256, 768),
+                         "2.self_attn.v_proj": (128, 256)}.items():
+        lora[f"{pre}.{name}.lora_up.weight"] = 0.1 * torch.randn(o, 4, generator=gen)
+        lora[f"{pre}.{name}.lora_down.weight"] = 0.1 * torch.randn(4, i, generator=gen)
+    (tmp_path / "loras").mkdir()
+    comfy_env.save_state_dict(tmp_path / "loras" / "te_lora.safetensors", lora)
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"))
+    opts = tiny_qwen3_detected
+    deq = comfy.sd.load_clip([str(tefiles["deq"])], clip_type=comfy.sd.CLIPType.LUMINA2, model_options=dict(opts))
+    clip = load_text_encoder(tefiles["int8"], "lumina2", "w8a16", model_options=dict(opts))
+    y0 = encode(clip)
+    ref = encode(nodes.LoraLoader().load_lora(None, deq, "te_lora.safetensors", 0.0, 1.0)[1])
+    patched = nodes.LoraLoader().load_lora(None, clip, "te_lora.safetensors", 0.0, 1.0)[1]
+    assert isinstance(patched.patcher, Int8ModelPatcher)
+    y1 = encode(patched)
+    assert rel_err(y0, y1) > 0.01 and rel_err(ref, y1) < 1e-5, (rel_err(y0, y1), rel_err(ref, y1))
+    assert torch.equal(encode(clip), y0)
