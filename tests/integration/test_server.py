@@ -160,8 +160,18 @@ def test_bad_file_reports_a_clear_error(server):
 
 
 def test_converter_then_loader(server):
+    """The Converter node writes an INT8 ConvRot file from the bf16 one; the UNET loader then samples
+    from it in the same server, exactly as from the file made by the same engine outside ComfyUI."""
     info = server.get("/object_info")
-    conv = next((k for k, v in info.items() if v.get("display_name") == "INT8 ConvRot Converter"), None)
-    if conv is None:
+    if "Int8ConvRotConverter" not in info:
         pytest.skip("converter node not yet available")
-    pytest.skip("converter node present: wire its inputs here")  # filled in once nodes/converter.py lands
+    conv = {"1": {"class_type": "Int8ConvRotConverter", "inputs": {
+        "model": "diffusion_models/tiny_zimage_bf16.safetensors", "preset": "auto", "group_size": "64",
+        "scaling": "row", "output_name": "converted_in_server.safetensors", "overwrite": False, "device": "auto"}}}
+    server.run(conv)
+    assert (server.base / UNET_DIR / "converted_in_server.safetensors").is_file()
+    a = saved_latent(server, server.run(sample_workflow(int8_loader("converted_in_server.safetensors", "w8a16"),
+                                                         256, seed=15)))
+    b = saved_latent(server, server.run(sample_workflow(int8_loader("tiny_zimage_int8.safetensors", "w8a16"),
+                                                         256, seed=15)))
+    assert torch.equal(a, b)

@@ -177,6 +177,17 @@ def test_lowvram_offload_and_partial_unload(files, inputs, unloaded):
         lora.unpatch_model(cpu)
     assert_codes_restored(base, snap)
     assert torch.equal(run(base, inputs), y_base)
+    # Another strength: new LowVramPatch objects over patch lists of the same lengths must not reuse
+    # the previous low-rank terms.
+    base.detach()
+    weaker = with_lora(base, 0.3)
+    weaker.patch_model(device_to=cpu, lowvram_model_memory=1)
+    try:
+        y_weak_lowvram = run(weaker, inputs, load=False)
+    finally:
+        weaker.unpatch_model(cpu)
+    y_weak = run(weaker, inputs)
+    assert rel_err(y_weak, y_weak_lowvram) < 1e-6 and rel_err(y_full, y_weak) > 1e-3
 
 
 def test_force_patch_weights_folds_and_restores(files, inputs, unloaded):
