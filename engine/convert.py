@@ -20,7 +20,8 @@ import torch
 
 from ..kernels.quantize import NonFiniteError
 from .errors import Int8ConvRotError
-from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, build_metadata
+from ..kernels import dequantize_weight
+from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, build_metadata, parse_layer_tensor
 from .policy import TENSOR_SCALING_WARNING, Decision, Policy, detect_preset, get_policy
 from .quantize_layer import compute_threads, quantize_layer, quantize_rows, resolve_device
 from .safetensors_writer import SafetensorsWriter, TensorSpec, check_output_path, human_bytes, st_dtype
@@ -115,6 +116,7 @@ class _Step:
     fetch: Callable[[], torch.Tensor]          # the tensor's values (scale applied)
     copy: Callable[[], Iterable] | None = None  # raw byte pieces, for tensors written unchanged
     read_rows: Callable[[int, int], torch.Tensor] | None = None   # rows of a weight, read on demand
+    prequantized: bool = False                  # an INT8 layer written as it is: fetch gives its 3 tensors
 
 
 def _scale_shape(quant: LayerQuant, shape) -> tuple[int, ...]:
@@ -158,8 +160,43 @@ def _plan_source(source: Source, policy: Policy) -> list[_Step]:
 
 
 def _plan_state_dict(sd: dict[str, torch.Tensor], policy: Policy) -> list[_Step]:
+    """Steps for an in-memory state dict. INT8 ConvRot layers in it (e.g. a model loaded with our
+    loader) keep their codes when the policy would store them the same way; otherwise they are
+    dequantized (row chunks) and go through the policy like a float weight."""
+    int8 = {}
+    for k, t in sd.items():
+        if k.endswith(QUANT_SUFFIX):
+            base = k[: -len(QUANT_SUFFIX)]
+            lq = parse_layer_tensor(t, layer=base)
+            w, scale = sd.get(base + ".weight"), sd.get(base + SCALE_SUFFIX)
+            if w is None or scale is None or w.dtype != torch.int8:
+                raise Int8ConvRotError("INT8 layer without its int8 weight or weight_scale", tensor=base + ".weight")
+            int8[base] = (lq, w, scale)
     steps = []
     for name, t in sd.items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if name.endswith((QUANT_SUFFIX, SCALE_SUFFIX)) and name.rsplit(".", 1)[0] in int8:
+            continue                                   # written with their layer's weight
+        if base in int8:
+            lq, codes, scale = int8[base]
+            dtype = lq.orig_dtype or torch.bfloat16
+            decision = policy.explain(name, t.shape, dtype)
+            q = decision.quant
+            if q is not None and q.group_size == lq.group_size and q.per_row == lq.per_row:
+                kept = Decision(lq, "already INT8 ConvRot with these settings: codes kept", True)
+                specs = [TensorSpec(name, "I8", tuple(t.shape)), TensorSpec(base + SCALE_SUFFIX, "F32", tuple(scale.shape)),
+                         TensorSpec(base + QUANT_SUFFIX, "U8", (lq.to_tensor().numel(),))]
+                steps.append(_Step(name, kept, specs, codes.numel() + scale.numel() * 4,
+                                   (lambda c=codes, s=scale, lq=lq: (c, s.float(), lq.to_tensor())),
+                                   prequantized=True))
+                continue
+            rows = (lambda a, b, c=codes, s=scale, g=lq.group_size:
+                    dequantize_weight(c[a:b], s if s.numel() == 1 else s.reshape(-1, 1)[a:b], g))
+            fetch = (lambda r=rows, n=t.shape[0], dt=dtype: r(0, n).to(dt))
+            spec_dtype = st_dtype(dtype)
+            steps.append(_Step(name, decision, _specs(name, decision, t.shape, spec_dtype), codes.numel(), fetch,
+                               None, rows))
+            continue
         decision = policy.explain(name, t.shape, t.dtype)
         steps.append(_Step(name, decision, _specs(name, decision, t.shape, st_dtype(t.dtype)),
                            t.numel() * t.element_size(), (lambda t=t: t), None, (lambda a, b, t=t: t[a:b])))
@@ -205,7 +242,11 @@ def _run(steps: list[_Step], dst, metadata: dict[str, str], summary: ConvertSumm
             compute_threads(device) as workers:
         for step in steps:
             d = step.decision
-            if d.quant is not None:
+            if step.prequantized:
+                for spec, t in zip(step.specs, step.fetch()):      # an INT8 layer kept as it is
+                    writer.write(spec.name, t)
+                summary.layers.append(LayerReport(step.name, d.action, d.reason, step.specs[0].shape))
+            elif d.quant is not None:
                 w_spec, s_spec, q_spec = step.specs
                 qw = _quantize_step(step, device, where, workers, sink=lambda c, n=w_spec.name: writer.write(n, c))
                 writer.write(s_spec.name, qw.scale)
