@@ -139,7 +139,7 @@ def _run_comfyui(path, tmp, n_layers, image_size, cap_tokens, modes, group_size,
     ref_patcher = comfy.sd.load_diffusion_model(str(src))
     kind = type(ref_patcher.model.model_config).__name__
     ref, dt_ref, mem_ref, peak_ref, dtype = measure(ref_patcher)
-    results.append({"model": "bf16 (ComfyUI stock)", "seconds": dt_ref, "weights_gib": mem_ref, "peak_gib": peak_ref})
+    results.append({"model": "bf16 file, stock", "seconds": dt_ref, "weights_gib": mem_ref, "peak_gib": peak_ref})
     del ref_patcher
     mm.unload_all_models()
     for mode in modes:
@@ -199,7 +199,7 @@ def _run_engine(tmp, modes, group_size, seed, tokens, device, out) -> dict:
             results[mode]["seconds"] += time.perf_counter() - t1
             results[mode]["errs"].append(_rel(ref, y))
     out(f"{'Linear layers':<24}{'time s':>10}{'weights MiB':>13}{'mean rel. err':>15}{'worst':>10}")
-    out(f"{'bf16':<24}{t_ref:>10.4f}{bf16_bytes / 2**20:>13.2f}")
+    out(f"{'bf16 weights (' + str(dtype).replace('torch.', '') + ')':<24}{t_ref:>10.4f}{bf16_bytes / 2**20:>13.2f}")
     rows = []
     for mode, r in results.items():
         e = r["errs"]
