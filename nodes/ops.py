@@ -35,7 +35,7 @@ import comfy.utils
 
 from .. import kernels
 from ..engine.errors import Int8ConvRotError
-from ..engine.linear import LowRankTerm, PrepackCache, apply_lowrank, int8_forward, pop_int8_layer
+from ..engine.linear import LowRankTerm, PrepackCache, int8_forward, pop_int8_layer
 
 log = logging.getLogger(__name__)
 
@@ -285,13 +285,13 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
             object.__setattr__(self, "_lvp_cache", None)   # lowvram patches were wiped: drop their references
         if self.weight_function:
             extra = self._lowvram_lowrank()
-            if extra is None:  # any other weight function: the dequantized weight, in float32
+            if extra is None:  # any other weight function: the dequantized (and LoRA-patched) weight, float32
                 w = kernels.dequantize_weight(codes, scale, self.group_size, torch.float32)
+                for t in lowrank:   # functions see the patched weight, as with ComfyUI's own layers
+                    w += t.delta(self.out_features).to(w.device)
                 for f in self.weight_function:
                     w = f(w)
                 y = F.linear(input, w.to(input.dtype), bias)
-                if lowrank:
-                    y = apply_lowrank(y, input, lowrank)
                 self._uncast(codes, bias, handle)
                 return y
             lowrank = lowrank + extra

@@ -211,3 +211,23 @@ def test_force_patch_weights_folds_and_restores(files, inputs, unloaded):
     finally:
         lora.unpatch_model(torch.device("cpu"))
     assert_codes_restored(base, snap)
+
+
+def test_weight_wrapper_sees_the_patched_weight(files, inputs, unloaded):
+    """A weight wrapper (ModelPatcher.add_weight_wrapper, used by custom nodes) gets the LoRA-patched
+    weight, as with ComfyUI's own layers: same output as the float reference with the same wrapper."""
+    import comfy.sd
+    from comfyui_int8_convrot.nodes.loaders import load_unet
+    key = "diffusion_model.layers.0.attention.qkv.weight"
+
+    def wrapped(patcher):
+        p = with_lora(patcher)
+        p.add_weight_wrapper(key, lambda w: w * 0.5)
+        return p
+    ref = run(wrapped(comfy.sd.load_diffusion_model(str(files["deq"]))), inputs)
+    base = load_unet(files["int8"], "w8a16")
+    snap = snapshot_codes(base)
+    y = run(wrapped(base), inputs)
+    assert rel_err(ref, y) < 1e-5, rel_err(ref, y)
+    run(base, inputs)
+    assert_codes_restored(base, snap)
