@@ -23,7 +23,7 @@ from .errors import Int8ConvRotError
 from ..kernels import dequantize_weight
 from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, build_metadata, parse_layer_tensor
 from .policy import TENSOR_SCALING_WARNING, Decision, Policy, detect_preset, get_policy
-from .quantize_layer import compute_threads, quantize_layer, quantize_rows, resolve_device
+from .quantize_layer import WORKSPACE, compute_threads, quantize_layer, quantize_rows, resolve_device
 from .safetensors_writer import SafetensorsWriter, TensorSpec, check_output_path, human_bytes, st_dtype
 from .sources import Source
 
@@ -336,19 +336,22 @@ def quantize_tensors(items: Iterable[tuple[str, torch.Tensor]], policy: Policy |
     policy = get_policy(policy, group_size or 64, scaling or "row") if isinstance(policy, str) \
         else policy.with_options(group_size, scaling)
     device = _device(device)
-    for name, t in items:
-        d = policy.explain(name, t.shape, t.dtype)
-        if d.quant is None:
-            if report is not None and d.candidate:
-                report.append(LayerReport(name, "kept", d.reason, tuple(t.shape)))
-            yield name, t
-            continue
-        step = _Step(name, d, _specs(name, d, t.shape, st_dtype(t.dtype)), 0, (lambda t=t: t), None,
-                     (lambda a, b, t=t: t[a:b]))
-        qw = _quantize_step(step, device, "model")   # torch's own intra-op threads
-        if report is not None:
-            report.append(LayerReport(name, d.action, d.reason, tuple(t.shape), qw.rel_error))
-        base = name[: -len(".weight")]
-        yield name, qw.codes
-        yield base + SCALE_SUFFIX, qw.scale
-        yield base + QUANT_SUFFIX, d.quant.to_tensor()
+    try:
+        for name, t in items:
+            d = policy.explain(name, t.shape, t.dtype)
+            if d.quant is None:
+                if report is not None and d.candidate:
+                    report.append(LayerReport(name, "kept", d.reason, tuple(t.shape)))
+                yield name, t
+                continue
+            step = _Step(name, d, _specs(name, d, t.shape, st_dtype(t.dtype)), 0, (lambda t=t: t), None,
+                         (lambda a, b, t=t: t[a:b]))
+            qw = _quantize_step(step, device, "model")   # torch's own intra-op threads
+            if report is not None:
+                report.append(LayerReport(name, d.action, d.reason, tuple(t.shape), qw.rel_error))
+            base = name[: -len(".weight")]
+            yield name, qw.codes
+            yield base + SCALE_SUFFIX, qw.scale
+            yield base + QUANT_SUFFIX, d.quant.to_tensor()
+    finally:
+        WORKSPACE.release()   # scratch buffers (GPU memory on a GPU) do not outlive the stream
