@@ -20,3 +20,8 @@ for _name in _SUBMODULES:
         _schema = _cls.GET_SCHEMA()
         NODE_CLASS_MAPPINGS[_schema.node_id] = _cls
         NODE_DISPLAY_NAME_MAPPINGS[_schema.node_id] = _schema.display_name or _schema.node_id
+
+# The web badge's HTTP route, on the running ComfyUI server only (no-op when imported without one).
+from .routes import register_routes  # noqa: E402
+
+register_routes()

@@ -79,11 +79,12 @@ def save_state_dict(path, sd: dict, metadata: dict | None = None) -> Path:
     return Path(path)
 
 
-def int8_state_dict(sd: dict, preset: str = "zimage", group_size: int = 64) -> tuple[dict, dict]:
+def int8_state_dict(sd: dict, preset: str = "zimage", group_size: int = 64,
+                    scaling: str = "row") -> tuple[dict, dict]:
     """Our INT8 ConvRot version of a float state dict, and the header metadata a file carries."""
     from comfyui_int8_convrot.engine.format import QUANT_SUFFIX, build_metadata, parse_layer_tensor
     from comfyui_int8_convrot.engine.loading import quantize_state_dict
-    out, _ = quantize_state_dict(dict(sd), preset, group_size)
+    out, _ = quantize_state_dict(dict(sd), preset, group_size, scaling)
     layers = {k[: -len(QUANT_SUFFIX)]: parse_layer_tensor(v) for k, v in out.items() if k.endswith(QUANT_SUFFIX)}
     return out, build_metadata(layers)
 
@@ -103,6 +104,37 @@ def dequantized_state_dict(sd: dict, dtype=torch.float32) -> dict:
             v = dequantize_weight(v, sd[f"{layer}{SCALE_SUFFIX}"], lq.group_size, dtype)
         out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
+
+
+def badge_files(models: Path) -> dict[str, Path]:
+    """Tiny Z-Image files for the web badge and the Inspect node, under `models`/diffusion_models and
+    `models`/text_encoders: bf16, INT8 ConvRot (row scales, group 64), INT8 ConvRot with tensor-wise
+    scales, and an INT8 ConvRot Qwen3 text encoder. Keys: bf16, int8, tensor, te."""
+    from comfyui_int8_convrot.engine.synthetic import ZIMAGE_TINY, iter_qwen3, iter_zimage
+    dm, te = Path(models) / "diffusion_models", Path(models) / "text_encoders"
+    dm.mkdir(parents=True, exist_ok=True)
+    te.mkdir(parents=True, exist_ok=True)
+    sd = dict(iter_zimage(ZIMAGE_TINY, seed=7))
+    q, meta = int8_state_dict(sd, "zimage", 64)
+    t, tmeta = int8_state_dict(sd, "zimage", 64, "tensor")
+    qte, te_meta = int8_state_dict(dict(iter_qwen3()), "qwen3", 64)
+    return {"bf16": save_state_dict(dm / "tiny_zimage_bf16.safetensors", sd),
+            "int8": save_state_dict(dm / "tiny_zimage_int8.safetensors", q, meta),
+            "tensor": save_state_dict(dm / "tiny_zimage_int8_tensorwise.safetensors", t, tmeta),
+            "te": save_state_dict(te / "tiny_qwen3_int8.safetensors", qte, te_meta)}
+
+
+def use_model_folders(monkeypatch, models: Path, names=("diffusion_models", "text_encoders", "checkpoints")) -> None:
+    """Point ComfyUI's (in-process) model folders at `models`/<name> for one test (monkeypatch undoes it)."""
+    import folder_paths
+    for name in names:
+        d = Path(models) / name
+        d.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
+                            ([str(d)], set(folder_paths.supported_pt_extensions)))
+        # Recorded by monkeypatch (the old entry comes back, or none), then dropped for the test.
+        monkeypatch.setitem(folder_paths.filename_list_cache, name, None)
+        del folder_paths.filename_list_cache[name]
 
 
 def run_ctq(src: Path, dst: Path, group_size: int = 64, preset_flag: str = "--zimage") -> Path:

@@ -20,3 +20,25 @@ def pytest_collection_modifyitems(config, items):
 def comfy():
     """ComfyUI imported in this process on the CPU (tests using it carry the `comfyui` marker)."""
     return comfy_env.setup_in_process()
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory):
+    """One real ComfyUI server for the web tests (the route over HTTP, the browser): the tiny badge
+    files of `comfy_env.badge_files` in its model folders, a symlink that leads out of them
+    (`escape.safetensors`), and user settings that skip the first-run templates dialog."""
+    import json
+    base = tmp_path_factory.mktemp("ui_base")
+    srv = comfy_env.ComfyServer(base)
+    srv.files = comfy_env.badge_files(base / "models")
+    outside = tmp_path_factory.mktemp("outside") / "secret.safetensors"
+    outside.write_bytes(srv.files["int8"].read_bytes())
+    (base / "models" / "diffusion_models" / "escape.safetensors").symlink_to(outside)
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
