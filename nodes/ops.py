@@ -109,6 +109,9 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
         self.register_parameter("weight_scale", None)
+        # The layer's `comfy_quant` JSON as a buffer: in the state dict (saving, ModelPatcher key
+        # lookups, merges), never used for compute (that reads `self.quant`).
+        self.register_buffer("comfy_quant", None)
         self._bias_expected = bias
         self._init_device, self._init_dtype = device, dtype
         self.group_size = None
@@ -140,11 +143,6 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
                 return dt
         return torch.bfloat16
 
-    @property
-    def comfy_quant(self):
-        """The layer's `comfy_quant` tensor (ModelPatcher resolves every state-dict key as an attribute)."""
-        return None if self.quant is None or not self.is_quantized else self.quant.to_tensor()
-
     def set_lowrank(self, terms, device=None) -> None:
         """Attach LoRA terms (moved to `device`, kept in their own dtype: they are cast to the
         activation's dtype per call, so a bf16 model does not round an fp32 LoRA twice)."""
@@ -162,6 +160,7 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
             self.group_size = layer.group_size
             self.weight = torch.nn.Parameter(layer.codes.to(device=device), requires_grad=False)
             self.weight_scale = torch.nn.Parameter(layer.scale.to(device=device), requires_grad=False)
+            self.comfy_quant = layer.quant.to_tensor()
         else:
             weight = state_dict.pop(prefix + "weight", None)
             if weight is None:
@@ -189,6 +188,7 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
             destination[prefix + "comfy_quant"] = self.quant.to_tensor()
         else:  # a float layer, or a quantized one whose weight is dense-patched: no scale belongs to it
             destination.pop(prefix + "weight_scale", None)
+            destination.pop(prefix + "comfy_quant", None)
 
     # -- the hooks ModelPatcher uses for full-load patches ----------------------------------------
 

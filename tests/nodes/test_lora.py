@@ -60,8 +60,11 @@ def files(comfy, tmp_path_factory):
     (d / "loras").mkdir()
     comfy_env.save_state_dict(d / "loras" / LORA, make_lora())
     folder_paths.add_model_folder_path("loras", str(d / "loras"))
+    q2, meta2 = comfy_env.int8_state_dict(dict(iter_zimage(ZIMAGE_TINY, seed=6)), "zimage", 64)
     return {"int8": comfy_env.save_state_dict(d / "int8.safetensors", q, meta),
-            "deq": comfy_env.save_state_dict(d / "deq.safetensors", comfy_env.dequantized_state_dict(q))}
+            "deq": comfy_env.save_state_dict(d / "deq.safetensors", comfy_env.dequantized_state_dict(q)),
+            "int8_b": comfy_env.save_state_dict(d / "int8_b.safetensors", q2, meta2),
+            "deq_b": comfy_env.save_state_dict(d / "deq_b.safetensors", comfy_env.dequantized_state_dict(q2))}
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +234,22 @@ def test_weight_wrapper_sees_the_patched_weight(files, inputs, unloaded):
     assert rel_err(ref, y) < 1e-5, rel_err(ref, y)
     run(base, inputs)
     assert_codes_restored(base, snap)
+
+
+def test_model_merge_of_two_int8_models(files, inputs, unloaded):
+    """Stock ModelMergeSimple on two INT8 models: each side is dequantized with its own scales (the
+    merged layers are dense), exactly like merging the two float models they encode."""
+    import comfy.sd
+    from comfy_extras.nodes_model_merging import ModelMergeSimple
+    from comfyui_int8_convrot.nodes.loaders import load_unet
+
+    def merge(a, b):
+        return ModelMergeSimple().merge(a, b, 0.3)[0]
+    ref = run(merge(comfy.sd.load_diffusion_model(str(files["deq"])),
+                    comfy.sd.load_diffusion_model(str(files["deq_b"]))), inputs)
+    a, b = load_unet(files["int8"], "w8a16"), load_unet(files["int8_b"], "w8a16")
+    snap = snapshot_codes(a)
+    y = run(merge(a, b), inputs)
+    assert rel_err(ref, y) < 1e-5, rel_err(ref, y)
+    run(a, inputs)
+    assert_codes_restored(a, snap)
