@@ -184,7 +184,8 @@ def _plan_state_dict(sd: dict[str, torch.Tensor], policy: Policy) -> list[_Step]
             q = decision.quant
             if q is not None and q.group_size == lq.group_size and q.per_row == lq.per_row:
                 kept = Decision(lq, "already INT8 ConvRot with these settings: codes kept", True)
-                specs = [TensorSpec(name, "I8", tuple(t.shape)), TensorSpec(base + SCALE_SUFFIX, "F32", tuple(scale.shape)),
+                specs = [TensorSpec(name, "I8", tuple(t.shape)),
+                         TensorSpec(base + SCALE_SUFFIX, "F32", tuple(scale.shape)),
                          TensorSpec(base + QUANT_SUFFIX, "U8", (lq.to_tensor().numel(),))]
                 steps.append(_Step(name, kept, specs, codes.numel() + scale.numel() * 4,
                                    (lambda c=codes, s=scale, lq=lq: (c, s.float(), lq.to_tensor())),

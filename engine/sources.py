@@ -50,6 +50,10 @@ class SourceTensor:
         return self.entry.shape
 
 
+def _group(cfg: dict):
+    return cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None
+
+
 def _refuse_quantized(path, name: str, fmt: str, group_size=None):
     if fmt == INT8_FORMAT:
         what = f"INT8 ConvRot (group size {group_size})" if group_size else "INT8"
@@ -111,7 +115,7 @@ class Source:
             cfg = cfg or {}
             fmt = cfg.get("format", "?")
             if fmt not in FP8_COMFY_FORMATS:
-                _refuse_quantized(self.path, name, fmt, cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None)
+                _refuse_quantized(self.path, name, fmt, _group(cfg))
 
     def _comfy_quant_layers(self) -> dict[str, str]:
         """comfy_quant layers (prefix kept) -> format; refuses every format but FP8."""
@@ -127,7 +131,7 @@ class Source:
                 raise FileFormatError("comfy_quant is not valid JSON", path=self.path, tensor=name,
                                       hint="the file is damaged or was written by an incompatible tool") from None
             if fmt not in FP8_COMFY_FORMATS:
-                _refuse_quantized(self.path, layer, fmt, cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None)
+                _refuse_quantized(self.path, layer, fmt, _group(cfg))
             out[layer] = fmt
         for name, entry in self.header.tensors.items():
             if name.endswith(".weight") and entry.dtype == "I8":
