@@ -249,6 +249,27 @@ def tefiles(comfy, tmp_path_factory):
             "deq": comfy_env.save_state_dict(d / "te_deq.safetensors", comfy_env.dequantized_state_dict(q))}
 
 
+def test_full_width_qwen3_detected_like_the_bf16_original(comfy):
+    """Qwen3-4B (width 2560) in INT8 ConvRot is recognised by ComfyUI as the Z-Image text encoder,
+    as its bf16 original is (detection reads the kept norms and the key names)."""
+    import comfy.sd
+    from comfyui_int8_convrot.engine.format import LayerQuant
+    p = "model.layers.0"
+    shapes = {"model.embed_tokens.weight": (151936, 2560), "model.norm.weight": (2560,),
+              f"{p}.input_layernorm.weight": (2560,), f"{p}.post_attention_layernorm.weight": (2560,),
+              f"{p}.self_attn.q_norm.weight": (128,), f"{p}.self_attn.k_norm.weight": (128,),
+              f"{p}.self_attn.q_proj.weight": (4096, 2560), f"{p}.self_attn.k_proj.weight": (1024, 2560),
+              f"{p}.mlp.down_proj.weight": (2560, 9728)}
+    bf16 = {k: torch.empty(v, dtype=torch.bfloat16) for k, v in shapes.items()}
+    int8 = dict(bf16)
+    for k in [k for k in bf16 if k.endswith("_proj.weight")]:
+        int8[k] = torch.empty(bf16[k].shape, dtype=torch.int8)
+        int8[k.replace(".weight", ".weight_scale")] = torch.ones(bf16[k].shape[0], 1)
+        int8[k.replace(".weight", ".comfy_quant")] = LayerQuant().to_tensor()
+    assert comfy.sd.detect_te_model(bf16) == comfy.sd.detect_te_model(int8) == comfy.sd.TEModel.QWEN3_4B
+    assert comfy.sd.llama_detect([int8])["dtype_llama"] == torch.bfloat16
+
+
 @pytest.fixture
 def tiny_qwen3_detected(monkeypatch):
     """0.8.0 detects Qwen3-4B by its width (2560); the reduced-width test file is declared as one and its
