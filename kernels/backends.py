@@ -52,12 +52,17 @@ def int8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 5)
 
 
+def triton_int8_mma(device: torch.device) -> bool:
+    """Triton 3.x emits int8 mma only from sm_80 (Turing compiles fail): sm_75 uses torch._int_mm."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def select_gemm_backend(device: torch.device) -> str:
     forced = forced_backend()
     if forced is not None:
         return forced
     if device.type == "cuda":
-        return "triton" if triton_status()[0] and int8_tensor_cores(device) else "int_mm"
+        return "triton" if triton_status()[0] and triton_int8_mma(device) else "int_mm"
     if device.type == "cpu":
         return "cpu"
     return "reference"

@@ -1,1 +1,82 @@
-"""Fused Triton kernels (filled in below)."""
+"""Fused Triton kernels for W8A8 ConvRot linears, exposed as torch custom ops.
+
+- `rotate_quantize(x2d, group_size) -> (qx int8 (M, K), sx fp32 (M, 1))`: group-wise H_g rotation and
+  per-token quantization in one kernel (rotate_quant.py).
+- `int8_gemm_rescale(qx, sx, codes, sw, bias, out_dtype) -> y (M, N)`: int8 GEMM with the rescale,
+  bias and cast fused into the epilogue (int8_gemm.py).
+
+Both are `torch.library.custom_op`s in the `int8_convrot` namespace with fake (meta) kernels, so
+torch.compile traces through them as opaque ops instead of graph-breaking on a Triton launch.
+Triton itself is imported only when a kernel runs: importing this package never fails without it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backends import triton_status
+
+NAMESPACE = "int8_convrot"
+
+
+def _kernels():
+    """The kernel modules, or a clear error saying why Triton cannot run here."""
+    try:
+        from . import int8_gemm, rotate_quant
+    except Exception as exc:  # ImportError, or a broken install raising anything
+        raise RuntimeError(
+            f"the Triton INT8 kernels need Triton ({triton_status()[1]}; import failed: {exc}); install it "
+            "with `pip install triton` (Linux) or `triton-windows`, or use another backend") from exc
+    return rotate_quant, int8_gemm
+
+
+def _existing(name: str):
+    """The op if this namespace already defines it (the package imported twice under two names,
+    e.g. as a ComfyUI custom-node folder and as `comfyui_int8_convrot`): re-defining would raise."""
+    try:
+        return getattr(getattr(torch.ops, NAMESPACE), name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _rotate_quantize_impl(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels()[0].rotate_quantize_triton(x, group_size)
+
+
+def _rotate_quantize_fake(x, group_size):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def _int8_gemm_rescale_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
+                            bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype)
+
+
+def _int8_gemm_rescale_fake(qx, sx, codes, sw, bias, out_dtype):
+    return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
+def _define(name, impl, fake):
+    op = _existing(name)
+    if op is not None:
+        return op
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+rotate_quantize_op = _define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake)
+int8_gemm_rescale_op = _define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
+
+
+def rotate_quantize(x2d: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate each row of x2d group-wise by H_g (None/0: no rotation) and quantize it per row."""
+    return rotate_quantize_op(x2d, int(group_size or 0))
+
+
+def int8_gemm_rescale(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
+                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = (qx · codesᵀ) · sx · swᵀ (+ bias), computed in int32/fp32 and cast to out_dtype."""
+    return int8_gemm_rescale_op(qx, sx, codes, sw, bias, out_dtype)
+
+
+__all__ = ["int8_gemm_rescale", "int8_gemm_rescale_op", "rotate_quantize", "rotate_quantize_op"]

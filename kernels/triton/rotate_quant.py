@@ -1,0 +1,199 @@
+"""Fused ConvRot rotation + per-token INT8 quantization: x (M, K) float → codes int8 (M, K), scales fp32 (M, 1).
+
+Same contract as `quantize_rowwise(rotate_matmul(x, g, float32))` (see kernels/quantize.py):
+    y = x·H_g group-wise (float32),  s = max(max|y_row| / 127, 1e-30),  q = rint(y / s).clamp(-128, 127)
+
+Design (why, not what):
+- Rotation = one 64×64 tl.dot + 0–2 butterfly stages. H entries are ±2**-k, exact in bf16/fp16/fp32, so
+  every product is exact and only the fp32 accumulation rounds (torch rounds the same sums in another
+  order). On tensor cores a 64-wide dot (128 MACs per element) is free next to the memory traffic.
+  * g ≤ 64: the tile is block diagonal I_(64/g) ⊗ H_g (zeros cost MMA slots, not bandwidth), which also
+    keeps g = 4 and 16 above tl.dot's 16-element minimum.
+  * g = 256 and 1024: H_g = H4 ⊗ H_(g/4), so each 64-wide sub-block is rotated by H_64 and one (g=256) or
+    two (g=1024) H4 stages, H4/2·v = sum(v)/2 − reverse(v), combine the sub-blocks elementwise in fp32.
+    A dense H_256 operand would be 128 KB (bf16): compiled for sm80 it took 136 KB of shared memory,
+    beyond the ~100 KB of the consumer Ampere/Ada GPUs this pack targets, and re-reading it from L2 per
+    K step costs 16× the bytes of x. A butterfly over all log4(g) stages instead would need reshapes
+    and flips of register tensors that Triton lowers to shared-memory layout shuffles.
+  * The 64×64 tile is loaded once per pass and stays on chip (8 KB bf16, 16 KB fp32).
+  * Dot operand dtype: x's own dtype when it is fp16/bf16 (exact products; bf16 needs sm80+), else fp32
+    with input_precision="ieee" (never TF32: 10-bit mantissas would change codes).
+- Two passes over the row, recomputing the rotation: pass 1 finds the rotated amax, pass 2 rotates
+  again and writes codes. K reaches 10240 (Z-Image FFN), so keeping a BLOCK_M×K fp32 row block on chip
+  (16×10240×4 = 640 KB) does not fit shared memory; the second read of x is mostly an L2 hit (a
+  program's slice is BLOCK_M×K×2 bytes) and the recomputed dot uses otherwise idle tensor cores.
+- Rounding: precise division (div_rn, as torch divides) then rint (round half to even, one cvt.rni on
+  NVIDIA). Triton's interpreter has no libdevice, so there rint is the exact fp32 trick
+  (v + 1.5·2**23) − 1.5·2**23, valid for |v| < 2**22 (|v| ≤ 127 here).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..hadamard import check_group_size, hadamard
+from ..quantize import SCALE_FLOOR
+from ..rotation import check_divisible
+from ._runtime import INTERPRET, device_guard
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TILE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+@triton.jit
+def _rint(v, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return (v + 12582912.0) - 12582912.0  # fp32 add rounds half to even; |v| < 2**22
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def _load_x(x_ptr, rows, rmask, stride_xm, col0, K, W: tl.constexpr):
+    cols = col0 + tl.arange(0, W)
+    ptrs = x_ptr + rows[:, None] * stride_xm + cols[None, :]
+    return tl.load(ptrs, mask=rmask[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _h4(a0, a1, a2, a3):
+    """One H4/2 butterfly stage across four sub-blocks: y_k = (a0 + a1 + a2 + a3)/2 − a_(3−k)."""
+    half = (a0 + a1 + a2 + a3) * 0.5
+    return half - a3, half - a2, half - a1, half - a0
+
+
+@triton.jit
+def _rot64(x_ptr, h, rows, rmask, stride_xm, col0, K, W: tl.constexpr):
+    x = _load_x(x_ptr, rows, rmask, stride_xm, col0, K, W)
+    return tl.dot(x.to(h.dtype), h, input_precision="ieee")
+
+
+@triton.jit
+def _rot256(x_ptr, h, rows, rmask, stride_xm, col0, K, W: tl.constexpr):
+    """H_256 = H4 ⊗ H_64 applied to columns [col0, col0 + 4·W): the four rotated 64-wide sub-blocks."""
+    return _h4(_rot64(x_ptr, h, rows, rmask, stride_xm, col0, K, W),
+               _rot64(x_ptr, h, rows, rmask, stride_xm, col0 + W, K, W),
+               _rot64(x_ptr, h, rows, rmask, stride_xm, col0 + 2 * W, K, W),
+               _rot64(x_ptr, h, rows, rmask, stride_xm, col0 + 3 * W, K, W))
+
+
+@triton.jit
+def _emit(y, amax, scale, rows, rmask, q_ptr, stride_qm, col0, K, QUANTIZE: tl.constexpr, W: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    """Pass 1 (QUANTIZE=False): fold |y| into the row amax. Pass 2: write the codes of these W columns."""
+    if QUANTIZE:
+        q = _rint(tl.math.div_rn(y, scale[:, None]), INTERPRET)
+        q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int8)
+        cols = col0 + tl.arange(0, W)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], q, mask=rmask[:, None] & (cols < K)[None, :])
+    else:
+        amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+    return amax
+
+
+@triton.jit
+def _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, scale, stride_xm, stride_qm, K,
+          QUANTIZE: tl.constexpr, ROTATE: tl.constexpr, NSUB: tl.constexpr, W: tl.constexpr,
+          INTERPRET: tl.constexpr):
+    if not ROTATE:
+        for k0 in range(0, K, W):
+            y = _load_x(x_ptr, rows, rmask, stride_xm, k0, K, W).to(tl.float32)
+            amax = _emit(y, amax, scale, rows, rmask, q_ptr, stride_qm, k0, K, QUANTIZE, W, INTERPRET)
+    else:
+        hr = tl.arange(0, W)
+        h = tl.load(h_ptr + hr[:, None] * W + hr[None, :])  # the (W, W) tile, once per pass
+        for k0 in range(0, K, NSUB * W):
+            if NSUB == 1:  # g ≤ 64
+                y = _rot64(x_ptr, h, rows, rmask, stride_xm, k0, K, W)
+                amax = _emit(y, amax, scale, rows, rmask, q_ptr, stride_qm, k0, K, QUANTIZE, W, INTERPRET)
+            elif NSUB == 4:  # g = 256
+                y = _rot256(x_ptr, h, rows, rmask, stride_xm, k0, K, W)
+                for s in tl.static_range(4):
+                    amax = _emit(y[s], amax, scale, rows, rmask, q_ptr, stride_qm, k0 + s * W, K, QUANTIZE, W,
+                                 INTERPRET)
+            else:  # g = 1024 = H4 ⊗ H_256: a second H4 stage across the four 256-wide quarters
+                b0 = _rot256(x_ptr, h, rows, rmask, stride_xm, k0, K, W)
+                b1 = _rot256(x_ptr, h, rows, rmask, stride_xm, k0 + 4 * W, K, W)
+                b2 = _rot256(x_ptr, h, rows, rmask, stride_xm, k0 + 8 * W, K, W)
+                b3 = _rot256(x_ptr, h, rows, rmask, stride_xm, k0 + 12 * W, K, W)
+                for s in tl.static_range(4):
+                    y = _h4(b0[s], b1[s], b2[s], b3[s])
+                    for quarter in tl.static_range(4):
+                        amax = _emit(y[quarter], amax, scale, rows, rmask, q_ptr, stride_qm,
+                                     k0 + (4 * quarter + s) * W, K, QUANTIZE, W, INTERPRET)
+    return amax
+
+
+@triton.jit
+def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+                         ROTATE: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    W: tl.constexpr = 64
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)  # masked rows/columns load as 0: no effect on amax
+    amax = _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, amax, stride_xm, stride_qm, K,
+                 False, ROTATE, NSUB, W, INTERPRET)
+    scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
+    tl.store(s_ptr + rows, scale, mask=rmask)
+    _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, scale, stride_xm, stride_qm, K,
+          True, ROTATE, NSUB, W, INTERPRET)
+
+
+def _dot_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp16/bf16 activations feed the MMA directly (exact products); fp32 uses an IEEE fp32 dot.
+    bf16 MMA needs sm80+, and the interpreter multiplies bf16 as raw uint16 bits: upcast there."""
+    if x.dtype == torch.float16:
+        return torch.float16
+    if (x.dtype == torch.bfloat16 and not INTERPRET and x.is_cuda
+            and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+        return torch.bfloat16
+    return torch.float32
+
+
+def rotation_tile(group_size: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """The 64×64 matrix the kernel multiplies by: I_(64/g) ⊗ H_g for g ≤ 64, H_64 for g ≥ 256."""
+    key = (group_size, str(device), dtype)
+    tile = _TILE_CACHE.get(key)
+    if tile is None:
+        h = hadamard(min(group_size, 64), device, torch.float32)
+        if group_size < 64:
+            h = torch.kron(torch.eye(64 // group_size, device=device), h)
+        tile = _TILE_CACHE[key] = h.to(dtype).contiguous()
+    return tile
+
+
+def rotate_quantize_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused group-wise rotation (group_size 0 = none) and per-row INT8 quantization of a 2-D x."""
+    if x.dim() != 2 or x.dtype not in INPUT_DTYPES:
+        raise ValueError(f"rotate_quantize expects a 2-D float32/bfloat16/float16 tensor, got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    m, k = x.shape
+    if group_size:
+        check_group_size(group_size)
+        check_divisible(k, group_size)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s.fill_(SCALE_FLOOR)
+    dot_dtype = _dot_dtype(x)
+    h = rotation_tile(group_size, x.device, dot_dtype) if group_size else s  # s: unused placeholder pointer
+    # Memory-bound: small row blocks give many programs (M=4096 → 128–256 CTAs) and little register pressure.
+    # g = 1024 keeps 16 sub-blocks of BLOCK_M×64 fp32 live: the smallest block, and 8 warps to hold them.
+    block_m = 16 if (m <= 2048 or group_size >= 1024) else 32
+    # Shared memory compiled for sm80 (no GPU needed to measure it): fp16/bf16 10–12 KB at any g with the
+    # default 3 stages; the fp32 FMA dot stages its operands through shared memory, 3 stages took up to
+    # 147 KB (g = 1024) against 20–25 KB with 1, and consumer GPUs have ~100 KB.
+    stages = 1 if dot_dtype == torch.float32 else 3
+    grid = (triton.cdiv(m, block_m),)
+    with device_guard(x):
+        _rotate_quant_kernel[grid](
+            x, h, q, s, m, k, x.stride(0), q.stride(0), ROTATE=bool(group_size),
+            NSUB=max(1, group_size // 64), BLOCK_M=block_m, INTERPRET=INTERPRET,
+            num_warps=8 if group_size >= 1024 else 4, num_stages=stages)
+    return q, s
+
