@@ -77,7 +77,7 @@ class Int8ConvRotInspect(io.ComfyNode):
                 io.Combo.Input("compute", options=MODES, default="w8a8", optional=True,
                                tooltip="w8a8: activations quantized per token too (what 'auto' uses for images on "
                                        "RTX 30+ GPUs); w8a16: the weight error alone."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True,
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, optional=True, control_after_generate=False,
                              tooltip="Seed of the random activations."),
             ],
             outputs=[io.String.Output("report", display_name="report"),

@@ -26,7 +26,7 @@ def comfy():
 def ui_server(tmp_path_factory):
     """One real ComfyUI server for the web tests (the route over HTTP, the browser): the tiny badge
     files of `comfy_env.badge_files` in its model folders, a symlink that leads out of them
-    (`escape.safetensors`), and user settings that skip the first-run templates dialog."""
+    (`escape.safetensors`), and user settings that skip the first-run templates dialog and the minimap."""
     import json
     base = tmp_path_factory.mktemp("ui_base")
     srv = comfy_env.ComfyServer(base)
@@ -36,7 +36,8 @@ def ui_server(tmp_path_factory):
     (base / "models" / "diffusion_models" / "escape.safetensors").symlink_to(outside)
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
-    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                    "Comfy.Graph.CanvasInfo": False}))
     srv.start()
     try:
         yield srv
