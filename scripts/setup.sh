@@ -29,3 +29,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+
+# Optional: headless Chromium for tests/integration/test_browser.py (it skips, saying why, without
+# one). Installed only as root with CI=1 or INT8_CONVROT_INSTALL_CHROMIUM=1; a failed apt never fails set-up.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+   && { [ -n "${CI:-}" ] || [ "${INT8_CONVROT_INSTALL_CHROMIUM:-}" = 1 ]; }; then
+  echo "setup: installing chromium for the browser test" >&2
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+       >"$cache/chromium-install.log" 2>&1; then
+    echo "setup: could not install chromium (see $cache/chromium-install.log): the browser test will be skipped" >&2
+  fi
+fi
