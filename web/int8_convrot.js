@@ -288,6 +288,14 @@ function setupFileNode(node, spec) {
       return r;
     };
   }
+  // "Refresh node definitions" (R): files may have changed under the same names: read them again.
+  const refresh = node.refreshComboInNode;
+  node.refreshComboInNode = function (...args) {
+    const r = refresh?.apply(this, args);
+    Object.assign(node.int8cr, { view: null, dataKey: null });
+    node.setDirtyCanvas?.(true, true);
+    return r;
+  };
   const onConfigure = node.onConfigure;
   node.onConfigure = function (...args) {
     const r = onConfigure?.apply(this, args);

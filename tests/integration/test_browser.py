@@ -175,7 +175,14 @@ async def _scenario(server, chromium, out):
         await asyncio.sleep(1.0)   # let the preview image paint
         await page.screenshot(out / "after_run.png")
 
-        ours = [e for e in page.errors if "int8" in e.lower()]
+        # A refused conversion: the source is INT8 already; the panel turns red with the error.
+        await page.evaluate(select_js(4, "model", f"diffusion_models/{INT8}"))
+        assert (await badge(page, 4, "already INT8 ConvRot"))["level"] == "warn"
+        await page.evaluate(f"{APP}.queuePrompt(0, 1).then(() => true)")
+        err = await page.wait_for(f"(() => {{ const b = {badge_js(4)}; return b?.level === 'bad' ? b : null; }})()", 60)
+        assert "already INT8" in err["text"], err
+
+        ours = [e for e in page.errors if "int8_convrot.js" in e]   # errors raised in our script
         assert not ours, ours
     for name in ("badges.png", "after_run.png"):
         save_screenshot(out / name, name)
