@@ -110,8 +110,12 @@ class PrepackCache:
 
     @staticmethod
     def _key_of(codes: torch.Tensor, scale: torch.Tensor):
-        return (codes.device, codes.data_ptr(), codes._version, tuple(codes.shape),
-                scale.device, scale.data_ptr(), scale._version)
+        # Tensors made under torch.inference_mode (ComfyUI runs nodes in it) have no version counter;
+        # for them storage identity is the key (nothing here writes codes in place).
+        def version(t):
+            return -1 if t.is_inference() else t._version
+        return (codes.device, codes.data_ptr(), version(codes), tuple(codes.shape),
+                scale.device, scale.data_ptr(), version(scale))
 
     def get(self, codes: torch.Tensor, scale: torch.Tensor):
         if codes.device.type != "cpu":

@@ -88,3 +88,12 @@ def test_int8_linear_module_close_to_float():
     assert torch.allclose(lin.dequantize(), kernels.dequantize_weight(lin.weight, lin.weight_scale, 64))
     with pytest.raises(ValueError, match="compute mode"):
         L.Int8Linear(lin.weight, lin.weight_scale, mode="fast")
+
+
+def test_prepack_cache_takes_inference_mode_tensors(monkeypatch):
+    """ComfyUI loads models under torch.inference_mode: such tensors have no version counter."""
+    monkeypatch.setattr(kernels, "prepack", lambda c, s: "packed")
+    _, sd = layer_sd()
+    with torch.inference_mode():
+        codes, scale = sd["blk.proj.weight"].clone(), sd["blk.proj.weight_scale"].float() * 1
+    assert codes.is_inference() and L.PrepackCache().get(codes, scale) == "packed"

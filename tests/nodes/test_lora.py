@@ -16,6 +16,13 @@ import comfy_env
 
 pytestmark = pytest.mark.comfyui
 
+
+@pytest.fixture(autouse=True)
+def like_comfyui_execution():
+    """ComfyUI executes every node (loading, LoRA, sampling) under torch.inference_mode."""
+    with torch.inference_mode():
+        yield
+
 TOKENS = 8
 LORA = "tiny_zimage_lora.safetensors"
 
