@@ -121,7 +121,9 @@ def _panel(draw, report: QualityReport, metric: str, y0: int, width: int):
         for xa in range(int(x0), int(x1), 12):
             draw.line([(xa, y), (min(xa + 6, x1), y)], fill=FG, width=1)
         label = f"mean {_pct(s['mean'], step / 10)}"
-        draw.text((x1 - _text_w(draw, label, f_small) - 2, y - 16), label, fill=FG, font=f_small)
+        lw = _text_w(draw, label, f_small)
+        draw.rectangle([x1 - lw - 6, y - 17, x1, y - 2], fill=BG)
+        draw.text((x1 - lw - 3, y - 16), label, fill=FG, font=f_small)
         worst_text = "worst: " + ", ".join(f"{r.name} {_pct(getattr(r, metric), step / 10)}"
                                            for r in report.worst(metric, 3))
         draw.polygon([(x0, py1 + 25), (x0 + 10, py1 + 25), (x0 + 5, py1 + 33)], fill=WORST_COLOUR)
