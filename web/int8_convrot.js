@@ -9,9 +9,10 @@
 //   returns (also on the Save Model node).
 // - Inspect node: after a run, the quality headline under the badge (the chart shows as its preview).
 //
-// The panel is a DOM widget that is never serialized (it stays the last widget, so saved
-// workflows keep their widgets_values unchanged). Its text is also the widget's value, which is
-// what tests read: app.graph.getNodeById(id).widgets.find(w => w.name === "int8_convrot_info").value
+// The panel is a DOM widget that is never serialized and comes after the node's own widgets (a
+// serialize:false widget between them would shift widgets_values on reload), so saved workflows
+// are the same with or without this extension. Its text is also the widget's value, which is what
+// tests read: app.graph.getNodeById(id).widgets.find(w => w.name === "int8_convrot_info").value
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
