@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
 
     shape = ZImageShape(n_layers=args.layers)
     tokens = (args.image // 16) ** 2
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         src, dst = Path(tmp) / "bf16.safetensors", Path(tmp) / "int8.safetensors"
         save_file(dict(iter_zimage(shape)), str(src))
@@ -137,6 +139,7 @@ def main(argv=None) -> int:
              f"({params / 1e9:.2f} B params), {tokens} image + {args.caption_tokens} caption tokens "
              f"({args.image}x{args.image}), group size {args.group_size}, compute {base['dtype']}, "
              f"best of {args.reps} after a warm-up; detected by ComfyUI as {base['model']}",
+             f"- load average at start {load_at_start:.2f} (a shared machine: other jobs may run)",
              "",
              f"| variant | forward s | vs bf16 | weights GiB | weights / bf16 | peak {'GPU' if gpu else 'RSS'} GiB "
              "| rel. error | cosine |",
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if not args.no_write:
         machine = args.machine or base["device"]
-        cmd = "COMFYUI_PATH=... python bench/model.py " + " ".join(a for a in (argv or sys.argv[1:]))
+        cmd = "COMFYUI_PATH=... python bench/model.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         append_results(f"DiT forward, bf16 vs INT8 ConvRot ({args.device})", cmd.strip(), machine, lines)
     return 0
 
