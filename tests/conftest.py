@@ -43,3 +43,10 @@ def ui_server(tmp_path_factory):
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def comfyui_inference_mode():
+    """ComfyUI executes every node (loading, LoRA, sampling) under torch.inference_mode."""
+    with torch.inference_mode():
+        yield

@@ -14,14 +14,8 @@ import torch
 
 import comfy_env
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
-
-@pytest.fixture(autouse=True)
-def like_comfyui_execution():
-    """ComfyUI executes every node (loading, LoRA, sampling) under torch.inference_mode."""
-    with torch.inference_mode():
-        yield
 
 TOKENS = 8
 LORA = "tiny_zimage_lora.safetensors"
