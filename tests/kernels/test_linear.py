@@ -150,3 +150,12 @@ def test_errors():
         int8_linear(torch.randn(2, 512), codes, scale, b, 128)
     with pytest.raises(ValueError, match="int8 codes"):
         int8_linear(torch.randn(2, 512), codes.float(), scale, b, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_blocked_rotate_quantize_is_blocking_invariant(rows):
+    from comfyui_int8_convrot.kernels.linear import rotate_quantize_rows
+    x = activations((150,), 512).to(torch.bfloat16)
+    whole = quantize_rowwise(rotate_matmul(x, 64, torch.float32))
+    blocked = rotate_quantize_rows(x, 64, rows)
+    assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
