@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from comfyui_int8_convrot.kernels import int8_linear, prepack, quantize_rowwise, quantize_weight, rotate
+from comfyui_int8_convrot.kernels import int8_linear, prepack, quantize_weight
+from comfyui_int8_convrot.kernels.linear import rotate_quantize_rows
 from comfyui_int8_convrot.kernels.backends import select_gemm_backend
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
                 "w8a16": timeit(lambda: int8_linear(x, codes, scale, None, g, "w8a16"), dev, args.budget),
                 "w8a8": timeit(lambda: int8_linear(x, codes, scale, None, g, "w8a8", packed=packed), dev,
                                args.budget),
-                "rq": timeit(lambda: quantize_rowwise(rotate(x, g, torch.float32)), dev, args.budget)
+                # the rotate+quantize step exactly as w8a8 runs it on this device
+                "rq": timeit(lambda: rotate_quantize_rows(x, g), dev, args.budget)
                 if dev.type != "cuda" else timeit(lambda: _triton_rq(x, g), dev, args.budget),
             }
             # comfy-kitchen's CPU path is torch._int_mm (a scalar loop here, ~90 s per call at M=1024):
