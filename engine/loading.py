@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import kernels
+from .convert import quantize_tensors
 from .errors import FileFormatError, Int8ConvRotError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, parse_layer_tensor, parse_metadata
 from .linear import check_layer
@@ -168,7 +169,7 @@ def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, sc
         for k in list(sd):
             yield k, sd.pop(k)
 
-    for key, t in _quantize_tensors(drain(), policy, dev):
+    for key, t in quantize_tensors(drain(), policy, device=dev):
         out[key] = t
         if key.endswith(QUANT_SUFFIX):
             quantized += 1
@@ -177,29 +178,6 @@ def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, sc
     sd.update(out)
     kept = sum(1 for k, t in sd.items() if t.dim() == 2 and k.endswith(".weight") and t.is_floating_point())
     return sd, {"preset": name, "quantized": quantized, "kept": kept}
-
-
-def _quantize_tensors(items, policy, device: str):
-    """The converter's quantize_tensors; a minimal stand-in (same kernels, same format) if it is absent."""
-    try:
-        from .convert import quantize_tensors
-    except ImportError:
-        quantize_tensors = None
-    if quantize_tensors is not None:
-        yield from quantize_tensors(items, policy, device=device)
-        return
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    for key, t in items:
-        lq = policy.decide(key, t.shape, t.dtype)
-        if lq is None:
-            yield key, t
-            continue
-        codes, scale = kernels.quantize_weight(t.to(dev), lq.group_size, policy.scaling, name=key)
-        layer = key[: -len(".weight")]
-        yield key, codes.cpu()
-        yield f"{layer}{SCALE_SUFFIX}", scale.float().cpu()
-        yield f"{layer}{QUANT_SUFFIX}", lq.to_tensor()
 
 
 def count_quantizable(sd: dict, preset: str = "auto", group_size: int = 64) -> int:

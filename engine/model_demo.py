@@ -40,22 +40,9 @@ def _peak_rss_gb() -> float:
 
 def convert(src: Path, dst: Path, group_size: int, out) -> None:
     """The converter's streaming convert_file (the same engine as the CLI and the Converter node)."""
-    t0 = time.perf_counter()
-    try:
-        from .convert import convert_file
-    except ImportError:
-        convert_file = None
-    if convert_file is not None:
-        summary = convert_file(src, dst, preset="zimage", group_size=group_size, overwrite=True)
-        out(summary.to_text())
-        return
-    from safetensors.torch import load_file, save_file
-    from .format import QUANT_SUFFIX, build_metadata, parse_layer_tensor
-    from .loading import quantize_state_dict
-    sd, q = quantize_state_dict(load_file(str(src)), "zimage", group_size)
-    layers = {k[: -len(QUANT_SUFFIX)]: parse_layer_tensor(v) for k, v in sd.items() if k.endswith(QUANT_SUFFIX)}
-    save_file(sd, str(dst), metadata=build_metadata(layers))
-    out(f"converted {q['quantized']} layers (preset zimage, g={group_size}) in {time.perf_counter() - t0:.1f} s")
+    from .convert import convert_file
+    summary = convert_file(src, dst, preset="zimage", group_size=group_size, overwrite=True)
+    out(summary.to_text())
 
 
 def _write_source(path: Path, shape: ZImageShape, seed: int) -> None:
