@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .quality import relative_error
 from .synthetic import ZIMAGE_TINY, ZImageShape, iter_zimage
-
-
-def _rel(ref: torch.Tensor, y: torch.Tensor) -> float:
-    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
 
 
 def _cos(ref: torch.Tensor, y: torch.Tensor) -> float:
@@ -134,7 +131,7 @@ def _run_comfyui(path, tmp, n_layers, image_size, cap_tokens, modes, group_size,
         assert type(p.model.model_config).__name__ == kind
         y, dt, mem, peak, _ = measure(p)
         results.append({"model": f"INT8 ConvRot {mode}", "seconds": dt, "weights_gib": mem, "peak_gib": peak,
-                        "rel_error": _rel(ref, y), "cosine": _cos(ref, y)})
+                        "rel_error": relative_error(y, ref), "cosine": _cos(ref, y)})
         del p
         mm.unload_all_models()
     tokens = (image_size // 16) ** 2
@@ -184,7 +181,7 @@ def _run_engine(tmp, modes, group_size, seed, tokens, device, out) -> dict:
             t1 = time.perf_counter()
             y = lin(x)
             results[mode]["seconds"] += time.perf_counter() - t1
-            results[mode]["errs"].append(_rel(ref, y))
+            results[mode]["errs"].append(relative_error(y, ref))
     out(f"{'Linear layers':<24}{'time s':>10}{'weights MiB':>13}{'mean rel. err':>15}{'worst':>10}")
     out(f"{'bf16 weights (' + str(dtype).replace('torch.', '') + ')':<24}{t_ref:>10.4f}{bf16_bytes / 2**20:>13.2f}")
     rows = []

@@ -181,7 +181,7 @@ def measured_errors(layer: QuantLayer, weight: torch.Tensor, *, tokens: int = 64
     dev = layer.codes.device
     w = weight.to(dev, torch.float32)
     deq = dequantize_weight(layer.codes, layer.scale.to(dev), layer.group_size, torch.float32)
-    w_err = _rel(deq, w)
+    w_err = relative_error(deq, w)
     if tokens <= 0:
         return w_err, None
     gen = torch.Generator().manual_seed(seed)
@@ -191,10 +191,11 @@ def measured_errors(layer: QuantLayer, weight: torch.Tensor, *, tokens: int = 64
     # kernel costs more than one small GEMM, and the result is the same up to float rounding.
     with use_backend("reference") if dev.type == "cpu" else contextlib.nullcontext():
         y = int8_linear(x, layer.codes, layer.scale.to(dev), None, layer.group_size, mode, out_dtype=torch.float32)
-    return w_err, _rel(y, ref)
+    return w_err, relative_error(y, ref)
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖a − ref‖ / ‖ref‖ in float64 (0 when both are zero, inf when only ref is)."""
     den = torch.linalg.vector_norm(ref.double())
     num = torch.linalg.vector_norm(a.double() - ref.double())
     return float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
