@@ -4,5 +4,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
-if [ -d "$root/.cache/ComfyUI" ]; then export COMFYUI_PATH="$root/.cache/ComfyUI"; fi
-exec "$root/.cache/venv/bin/python" -m comfyui_int8_convrot.engine.demo "$@"
+. "$root/scripts/comfyui_path.sh"
+comfy="$(int8_convrot_comfyui_path "$root")"
+if [ -n "$comfy" ]; then export COMFYUI_PATH="$comfy"; fi
+py="${INT8_CONVROT_VENV:-$root/.cache/venv}/bin/python"
+exec "$py" -m comfyui_int8_convrot.engine.demo "$@"

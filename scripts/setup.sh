@@ -1,31 +1,36 @@
 #!/usr/bin/env bash
-# Idempotent environment set-up, everything inside the checkout (.cache/): a venv with torch,
-# the pack (editable, with test extras) and the real ComfyUI 0.8.0 used by integration tests.
+# Idempotent environment set-up, everything inside the checkout (.cache/): a venv with torch and the
+# pack (editable, with its test extras). When a real ComfyUI is found ($COMFYUI_PATH, or the ComfyUI
+# this pack is installed in) its own requirements go into the venv too; nothing of ComfyUI is fetched.
+# $INT8_CONVROT_VENV picks another venv (one per ComfyUI version, say).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="$root/.cache"
 export PIP_CACHE_DIR="$cache/pip" PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$cache"
 python=${PYTHON:-python3}
-if [ ! -x "$cache/venv/bin/python" ]; then
-  "$python" -m venv "$cache/venv"
+venv="${INT8_CONVROT_VENV:-$cache/venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
 fi
-py="$cache/venv/bin/python"
-stamp="$cache/venv/.int8-convrot-setup"
-want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -c1-16)"
+py="$venv/bin/python"
+. "$root/scripts/comfyui_path.sh"
+comfy="$(int8_convrot_comfyui_path "$root")"
+stamp="$venv/.int8-convrot-setup"
+want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" ${comfy:+"$comfy/requirements.txt"} \
+        | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch 2.14.1 + torchvision 0.29.1 is a pair that imports together (ComfyUI needs torchvision);
   # the CPU-only wheel some machines carry breaks torchvision, so the regular build is used.
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" torchaudio
   "$py" -m pip install -q -e "$root[test,triton]"
-  comfy_tar="${COMFYUI_TARBALL:-$root/../shared/comfyui/ComfyUI-0.8.0.tar.gz}"
-  if [ -f "$comfy_tar" ]; then
-    rm -rf "$cache/ComfyUI" && tar xzf "$comfy_tar" -C "$cache"
+  if [ -n "$comfy" ]; then
     # `requests` is missing from ComfyUI 0.8.0's requirements.
-    "$py" -m pip install -q -r "$cache/ComfyUI/requirements.txt" requests
+    "$py" -m pip install -q -r "$comfy/requirements.txt" requests
   else
-    echo "setup: $comfy_tar not found: ComfyUI integration tests will be skipped" >&2
+    echo "setup: no ComfyUI found (set COMFYUI_PATH, or install the pack in ComfyUI/custom_nodes):" \
+         "the real-ComfyUI tests will be skipped" >&2
   fi
   echo "$want" > "$stamp"
 fi

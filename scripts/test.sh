@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up (.cache/), then pytest with the real ComfyUI.
+# The whole test suite on a fresh machine: set up (.cache/), then pytest; the real-ComfyUI tests run
+# when a ComfyUI is found ($COMFYUI_PATH or the ComfyUI the pack is installed in) and skip, saying so, without.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
-if [ -d "$root/.cache/ComfyUI" ]; then export COMFYUI_PATH="$root/.cache/ComfyUI"; fi
+. "$root/scripts/comfyui_path.sh"
+comfy="$(int8_convrot_comfyui_path "$root")"
+if [ -n "$comfy" ]; then export COMFYUI_PATH="$comfy"; fi
+py="${INT8_CONVROT_VENV:-$root/.cache/venv}/bin/python"
 set +e
-"$root/.cache/venv/bin/python" -m pytest "$@"
+"$py" -m pytest "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that is a failure, not a pass.
