@@ -141,6 +141,34 @@ def validate_int8_layers(sd: dict, path=None) -> int:
     return n
 
 
+def int8_tensor_keys(sd: dict) -> set[str]:
+    """Keys whose data only an INT8-aware layer can read: every int8 tensor, and the weight of every
+    layer that carries a `comfy_quant` entry. A module that read them as plain numbers would compute
+    garbage without an error."""
+    keys = {k for k, t in sd.items() if t.dtype == torch.int8}
+    keys.update(f"{k[: -len(QUANT_SUFFIX)]}.weight" for k in sd if k.endswith(QUANT_SUFFIX))
+    return keys
+
+
+def check_int8_consumed(expected, consumed, path=None) -> None:
+    """Raise unless every key of `expected` (file names) was read by an INT8-aware layer (`consumed`:
+    the keys as the model saw them, which may carry a prefix or have lost one)."""
+    consumed = set(consumed)
+
+    def read(k):
+        return k in consumed or any(c.endswith("." + k) or k.endswith("." + c) for c in consumed)
+
+    unread = sorted(k for k in expected if not read(k))
+    if unread:
+        more = f" (and {len(unread) - 1} more: {', '.join(unread[1:4])}{', ...' if len(unread) > 4 else ''})" \
+            if len(unread) > 1 else ""
+        raise FileFormatError(
+            f"INT8 data reached a layer or parameter that cannot dequantize it{more}: it would be used as raw "
+            "integers", path=path, tensor=unread[0],
+            hint="only Linear and Embedding weights can be INT8 ConvRot; re-convert the file with the INT8 ConvRot "
+                 "Converter (or ctq without quantizing this tensor) and load it again")
+
+
 def resolve_preset(preset: str, keys) -> str:
     from .policy import detect_preset
     if preset in ("auto", None):
@@ -149,7 +177,8 @@ def resolve_preset(preset: str, keys) -> str:
 
 
 def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, scaling: str = "row",
-                        device: torch.device | str | None = None, on_tensor=None) -> tuple[dict, dict]:
+                        device: torch.device | str | None = None, on_tensor=None,
+                        include=()) -> tuple[dict, dict]:
     """Quantize a float state dict in memory (quantize on load) with the converter's engine
     (`convert.quantize_tensors`: the `policy` presets' layer choice, codes bit-identical to
     convert-to-quant's).
@@ -160,7 +189,7 @@ def quantize_state_dict(sd: dict, preset: str = "auto", group_size: int = 64, sc
     """
     from .policy import get_policy
     name = resolve_preset(preset, sd.keys())
-    policy = get_policy(name, group_size=group_size, scaling=scaling)
+    policy = get_policy(name, group_size=group_size, scaling=scaling, include=include)
     dev = "auto" if device is None else str(torch.device(device).type)
     out: dict = {}
     quantized = 0

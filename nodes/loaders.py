@@ -19,7 +19,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..engine.errors import Int8ConvRotError
-from ..engine.loading import check_file, count_quantizable, prepare_state_dict
+from ..engine.loading import check_file, check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
 from .ops import Int8ModelPatcher, count_quantized, load_context, make_ops
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def _read(path, quantize, group_size, kind: str):
     sd, report = prepare_state_dict(sd, metadata, path=path, quantize=quantize, group_size=group_size,
                                     device=_quant_device(), on_tensor=progress.tick)
     report["read_s"] = time.perf_counter() - t0
+    report["int8_keys"] = int8_tensor_keys(sd)   # checked after the build: every one read by an INT8 layer
     if report["quantized_on_load"]:
         log.info("INT8 ConvRot: quantized %d %s layers on load (preset %s, group size %d) in %.1f s",
                  report["quantized_on_load"], kind, report["preset"], group_size, report["read_s"])
@@ -92,12 +93,13 @@ def load_unet(path, mode: str = "auto", quantize: str | None = None, group_size:
     """Load a diffusion model from an INT8 ConvRot file (or quantize a float one on load)."""
     ops = make_ops(mode)
     sd, metadata, progress, report = _read(path, quantize, group_size, "diffusion model")
-    with load_context(path, progress.tick):
+    with load_context(path, progress.tick) as ctx:
         patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops},
                                                            metadata=metadata)
     if patcher is None:
         raise Int8ConvRotError("ComfyUI could not detect the model type", path=path,
                                hint="is this a diffusion model (not a text encoder, VAE or LoRA)?")
+    check_int8_consumed(report["int8_keys"], ctx.consumed, path)
     q, n = _check_loaded(patcher.model, path, report)
     progress.finish()
     log.info("INT8 ConvRot: loaded %s as %s (%d/%d Linear layers int8, compute %s, %.2f GB)", path,
@@ -135,9 +137,10 @@ def load_text_encoder(path, clip_type: str = "lumina2", mode: str = "auto", quan
     model_options["initial_device"] = model_options.get("offload_device",
                                                         comfy.model_management.text_encoder_offload_device())
     sd, _metadata, progress, report = _read(path, quantize, group_size, "text encoder")
-    with load_context(path, progress.tick):
+    with load_context(path, progress.tick) as ctx:
         clip = comfy.sd.load_text_encoder_state_dicts([sd], embedding_directory=folder_paths.get_folder_paths(
             "embeddings"), clip_type=ctype, model_options=model_options)
+    check_int8_consumed(report["int8_keys"], ctx.consumed, path)
     q, n = _check_loaded(clip.cond_stage_model, path, report)
     _forget_loaded(clip.patcher)  # CLIP() may have loaded it already (load device == initial device)
     clip.patcher = Int8ModelPatcher.adopt(clip.patcher)

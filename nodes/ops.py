@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import contextvars
 import logging
 
@@ -44,11 +45,19 @@ log = logging.getLogger(__name__)
 _LOAD_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("int8_convrot_load_context", default=None)
 
 
+@dataclasses.dataclass
+class LoadContext:
+    path: object = None
+    on_layer: object = None                                # called once per loaded Linear (progress)
+    consumed: set = dataclasses.field(default_factory=set)  # "<prefix>weight" of every int8 layer loaded
+
+
 @contextlib.contextmanager
 def load_context(path=None, on_layer=None):
-    token = _LOAD_CONTEXT.set((path, on_layer))
+    ctx = LoadContext(path, on_layer)
+    token = _LOAD_CONTEXT.set(ctx)
     try:
-        yield
+        yield ctx
     finally:
         _LOAD_CONTEXT.reset(token)
 
@@ -97,30 +106,24 @@ def lowrank_terms(patches, out_features: int):
     return terms
 
 
-class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
-    """manual_cast.Linear that can hold an INT8 ConvRot layer (see the module docstring)."""
+class _Int8Weight:
+    """What an INT8-capable layer of our ops shares (mixed into comfy.ops.manual_cast layers): the
+    stored weight is either float (behaves exactly like ComfyUI's layer) or int8 codes with their
+    `weight_scale`, group size and `comfy_quant` JSON (kept as a buffer, so saving, ModelPatcher key
+    lookups and merges see it; compute reads `self.quant`)."""
 
-    compute_mode = "auto"
-
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
+    def _init_placeholders(self, device, dtype):
         # Placeholders until the state dict arrives: a quantized layer never allocates a float weight.
         self.register_parameter("weight", None)
         self.register_parameter("bias", None)
         self.register_parameter("weight_scale", None)
-        # The layer's `comfy_quant` JSON as a buffer: in the state dict (saving, ModelPatcher key
-        # lookups, merges), never used for compute (that reads `self.quant`).
         self.register_buffer("comfy_quant", None)
-        self._bias_expected = bias
         self._init_device, self._init_dtype = device, dtype
         self.group_size = None
         self.quant = None            # LayerQuant of a quantized layer
         self._lowrank = ()           # low-rank LoRA terms (set by Int8ModelPatcher)
         self._lvp_cache = None       # (weight_function identity, terms) for lowvram patches
         self._pack = PrepackCache()
-
-    # -- state -------------------------------------------------------------------------------
 
     def __setattr__(self, name, value):
         if name == "weight" and "_pack" in self.__dict__:
@@ -143,44 +146,27 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
                 return dt
         return torch.bfloat16
 
-    def set_lowrank(self, terms, device=None) -> None:
-        """Attach LoRA terms (moved to `device`, kept in their own dtype: they are cast to the
-        activation's dtype per call, so a bf16 model does not round an fp32 LoRA twice)."""
-        device = device if device is not None else self.weight.device
-        object.__setattr__(self, "_lowrank", tuple(t.to(device, t.down.dtype) for t in terms))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        path, on_layer = _LOAD_CONTEXT.get() or (None, None)
+    def _load_weight(self, state_dict, prefix, missing_keys, out_features, in_features) -> None:
+        """weight (+ weight_scale, comfy_quant) from the state dict: int8 codes or a float weight."""
+        ctx = _LOAD_CONTEXT.get()
+        path = ctx.path if ctx else None
         device = self._init_device
-        layer = pop_int8_layer(state_dict, prefix, out_features=self.out_features, in_features=self.in_features,
-                               path=path)
+        layer = pop_int8_layer(state_dict, prefix, out_features=out_features, in_features=in_features, path=path)
         if layer is not None:
             self.quant = layer.quant
             self.group_size = layer.group_size
             self.weight = torch.nn.Parameter(layer.codes.to(device=device), requires_grad=False)
             self.weight_scale = torch.nn.Parameter(layer.scale.to(device=device), requires_grad=False)
             self.comfy_quant = layer.quant.to_tensor()
+            if ctx is not None:
+                ctx.consumed.add(prefix + "weight")
+            return
+        weight = state_dict.pop(prefix + "weight", None)
+        if weight is None:
+            missing_keys.append(prefix + "weight")
         else:
-            weight = state_dict.pop(prefix + "weight", None)
-            if weight is None:
-                missing_keys.append(prefix + "weight")
-            else:
-                dtype = self._init_dtype if self._init_dtype is not None else weight.dtype
-                self.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
-        bias = state_dict.pop(prefix + "bias", None)
-        if self._bias_expected:
-            if bias is None:
-                missing_keys.append(prefix + "bias")
-            else:
-                dtype = self._init_dtype if self._init_dtype in _FLOAT_STORAGE else bias.dtype
-                self.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
-        elif bias is not None:
-            unexpected_keys.append(prefix + "bias")
-        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
-            unexpected_keys.append(key)
-        if on_layer is not None:
-            on_layer()
+            dtype = self._init_dtype if self._init_dtype is not None else weight.dtype
+            self.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -190,13 +176,16 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
             destination.pop(prefix + "weight_scale", None)
             destination.pop(prefix + "comfy_quant", None)
 
+    def _dequantized(self, codes, scale, dtype=torch.float32):
+        return kernels.dequantize_weight(codes, scale, self.group_size, dtype)
+
     # -- the hooks ModelPatcher uses for full-load patches ----------------------------------------
 
     def convert_weight(self, weight, inplace=False, **kwargs):
         """ModelPatcher hands over the stored weight cast to a float dtype: dequantize the codes."""
         if self.weight_scale is None:
             return weight
-        return kernels.dequantize_weight(weight, self.weight_scale.to(weight.device), self.group_size, torch.float32)
+        return self._dequantized(weight, self.weight_scale.to(weight.device))
 
     def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
         """Store a patched weight densely; the int8 codes stay in ModelPatcher's backup, untouched."""
@@ -224,12 +213,9 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         return None
 
-    # -- forward ---------------------------------------------------------------------------------
-
-    def _cast_to(self, x):
-        """codes, scale and bias on x's device (async offload stream where ComfyUI has one)."""
+    def _cast_codes(self, device, bias_dtype=None):
+        """codes, scale (and bias in bias_dtype) on `device` (async offload stream where ComfyUI has one)."""
         mm = comfy.model_management
-        device = x.device
         stream = None
         if self.weight.device != device and hasattr(mm, "get_offload_stream"):
             stream = mm.get_offload_stream(device)
@@ -237,11 +223,59 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         codes = mm.cast_to(self.weight, None, device, non_blocking=non_blocking, stream=stream)
         scale = mm.cast_to(self.weight_scale, None, device, non_blocking=non_blocking, stream=stream)
         bias = None
-        if self.bias is not None:
-            bias = mm.cast_to(self.bias, x.dtype, device, non_blocking=non_blocking,
+        if self.bias is not None and bias_dtype is not None:
+            bias = mm.cast_to(self.bias, bias_dtype, device, non_blocking=non_blocking,
                               copy=len(self.bias_function) > 0, stream=stream)
         if stream is not None and hasattr(mm, "sync_stream"):
             mm.sync_stream(device, stream)
+        return codes, scale, bias, stream
+
+    def _uncast(self, codes, bias, handle):
+        uncast = getattr(comfy.ops, "uncast_bias_weight", None)
+        if uncast is not None and handle[0] is not None:
+            uncast(self, codes, bias, handle)
+
+
+class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
+    """manual_cast.Linear that can hold an INT8 ConvRot layer (see the module docstring)."""
+
+    compute_mode = "auto"
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_placeholders(device, dtype)
+        self._bias_expected = bias
+
+    def set_lowrank(self, terms, device=None) -> None:
+        """Attach LoRA terms (moved to `device`, kept in their own dtype: they are cast to the
+        activation's dtype per call, so a bf16 model does not round an fp32 LoRA twice)."""
+        device = device if device is not None else self.weight.device
+        object.__setattr__(self, "_lowrank", tuple(t.to(device, t.down.dtype) for t in terms))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ctx = _LOAD_CONTEXT.get()
+        device = self._init_device
+        self._load_weight(state_dict, prefix, missing_keys, self.out_features, self.in_features)
+        bias = state_dict.pop(prefix + "bias", None)
+        if self._bias_expected:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+            else:
+                dtype = self._init_dtype if self._init_dtype in _FLOAT_STORAGE else bias.dtype
+                self.bias = torch.nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        elif bias is not None:
+            unexpected_keys.append(prefix + "bias")
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            unexpected_keys.append(key)
+        if ctx is not None and ctx.on_layer is not None:
+            ctx.on_layer()
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _cast_to(self, x):
+        codes, scale, bias, stream = self._cast_codes(x.device, x.dtype)
         bias_a = bias
         for f in self.bias_function:
             bias = f(bias)
@@ -286,7 +320,7 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         if self.weight_function:
             extra = self._lowvram_lowrank()
             if extra is None:  # any other weight function: the dequantized (and LoRA-patched) weight, float32
-                w = kernels.dequantize_weight(codes, scale, self.group_size, torch.float32)
+                w = self._dequantized(codes, scale)
                 for t in lowrank:   # functions see the patched weight, as with ComfyUI's own layers
                     w += t.delta(self.out_features).to(w.device)
                 for f in self.weight_function:
@@ -300,14 +334,58 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
         self._uncast(codes, bias, handle)
         return y
 
-    def _uncast(self, codes, bias, handle):
-        uncast = getattr(comfy.ops, "uncast_bias_weight", None)
-        if uncast is not None and handle[0] is not None:
-            uncast(self, codes, bias, handle)
-
     def extra_repr(self) -> str:
         q = f", int8 group_size={self.group_size}, mode={self.compute_mode}" if self.is_quantized else ""
         return f"in_features={self.in_features}, out_features={self.out_features}{q}"
+
+
+class Int8ConvRotEmbedding(_Int8Weight, comfy.ops.manual_cast.Embedding):
+    """manual_cast.Embedding that can hold an INT8 ConvRot table (ctq quantizes Qwen3's
+    `embed_tokens` with the seed's text-encoder recipe): a lookup gathers and dequantizes only the
+    looked-up rows (`kernels.embedding_lookup`); memory stays one byte per value. A float table
+    behaves exactly like ComfyUI's Embedding. Patches on the table (LoRA, merges) take the dense
+    path: full loads through convert_weight/set_weight, lowvram weight functions per call."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, _weight=None, _freeze=False, device=None, dtype=None):
+        torch.nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += num_embeddings
+        self.padding_idx, self.max_norm, self.norm_type = padding_idx, max_norm, norm_type
+        self.scale_grad_by_freq, self.sparse = scale_grad_by_freq, sparse
+        self._init_placeholders(device, dtype)
+        if _weight is not None:
+            self.weight = torch.nn.Parameter(_weight, requires_grad=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._load_weight(state_dict, prefix, missing_keys, self.num_embeddings, self.embedding_dim)
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            unexpected_keys.append(key)
+
+    def forward(self, input, *args, out_dtype=None, **kwargs):
+        if self.weight is None:
+            raise Int8ConvRotError(f"Embedding({self.num_embeddings}, {self.embedding_dim}) has no weight: the file "
+                                   "lacks this table", hint="the file is incomplete or belongs to another model")
+        if not self.is_quantized:
+            return super().forward(input, *args, out_dtype=out_dtype, **kwargs)
+        _run_every_op()
+        dtype = out_dtype if out_dtype is not None else self.dense_dtype
+        if self.weight_function or self.max_norm is not None:
+            # Patched table (lowvram LoRA/merge) or renormalisation: the dense table, as ComfyUI does.
+            codes, scale, _, stream = self._cast_codes(input.device)
+            w = self._dequantized(codes, scale)
+            for f in self.weight_function:
+                w = f(w)
+            self._uncast(codes, None, (stream, codes, None))
+            return F.embedding(input, w, self.padding_idx, self.max_norm, self.norm_type).to(dtype)
+        # The gather runs where the table lives (offloaded: on the CPU) and only those rows travel.
+        return kernels.embedding_lookup(input, self.weight, self.weight_scale, self.group_size, dtype)
+
+    def extra_repr(self) -> str:
+        q = f", int8 group_size={self.group_size}" if self.is_quantized else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{q}"
 
 
 def make_ops(mode: str = "auto"):
@@ -318,6 +396,9 @@ def make_ops(mode: str = "auto"):
     class Int8ConvRotOps(comfy.ops.manual_cast):
         class Linear(Int8ConvRotLinear):
             compute_mode = mode
+
+        class Embedding(Int8ConvRotEmbedding):
+            pass
 
     Int8ConvRotOps.__name__ = Int8ConvRotOps.__qualname__ = f"Int8ConvRotOps_{mode}"
     return Int8ConvRotOps
@@ -374,14 +455,14 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
-    """(quantized Linear layers, all Linear layers of our ops) in a model."""
+    """(quantized layers, all INT8-capable layers of our ops: Linear and Embedding) in a model."""
     q = n = 0
     for m in model.modules():
-        if isinstance(m, Int8ConvRotLinear):
+        if isinstance(m, _Int8Weight):
             n += 1
             q += m.is_quantized
     return q, n
 
 
-__all__ = ["Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
+__all__ = ["Int8ConvRotEmbedding", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
            "lowrank_terms", "make_ops"]

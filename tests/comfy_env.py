@@ -80,11 +80,11 @@ def save_state_dict(path, sd: dict, metadata: dict | None = None) -> Path:
 
 
 def int8_state_dict(sd: dict, preset: str = "zimage", group_size: int = 64,
-                    scaling: str = "row") -> tuple[dict, dict]:
+                    scaling: str = "row", include=()) -> tuple[dict, dict]:
     """Our INT8 ConvRot version of a float state dict, and the header metadata a file carries."""
     from comfyui_int8_convrot.engine.format import QUANT_SUFFIX, build_metadata, parse_layer_tensor
     from comfyui_int8_convrot.engine.loading import quantize_state_dict
-    out, _ = quantize_state_dict(dict(sd), preset, group_size, scaling)
+    out, _ = quantize_state_dict(dict(sd), preset, group_size, scaling, include=include)
     layers = {k[: -len(QUANT_SUFFIX)]: parse_layer_tensor(v) for k, v in out.items() if k.endswith(QUANT_SUFFIX)}
     return out, build_metadata(layers)
 
@@ -137,14 +137,21 @@ def use_model_folders(monkeypatch, models: Path, names=("diffusion_models", "tex
         del folder_paths.filename_list_cache[name]
 
 
-def run_ctq(src: Path, dst: Path, group_size: int = 64, preset_flag: str = "--zimage") -> Path:
-    """convert-to-quant's CLI, as users run it for Z-Image INT8 ConvRot files."""
+# The seed's text-encoder recipe: no preset, so every 2-D weight (embed_tokens too) is quantized.
+CTQ_TE_FLAGS = ("--low-memory",)
+
+
+def run_ctq(src: Path, dst: Path, group_size: int = 64, preset_flag: str | None = "--zimage",
+            extra=()) -> Path:
+    """convert-to-quant's CLI, as users run it for Z-Image INT8 ConvRot files (preset_flag None and
+    extra=CTQ_TE_FLAGS: the seed's text-encoder recipe)."""
     ctq = shutil.which("ctq", path=os.path.dirname(sys.executable)) or shutil.which("ctq")
     if ctq is None:
         raise RuntimeError("convert-to-quant (ctq) is not installed")
     cmd = [ctq, "--int8", "--scaling_mode", "row", "--simple", "--convrot", "--convrot-group-size", str(group_size),
-           preset_flag, "--comfy_quant", "--save-quant-metadata", "--device", "cpu", "-i", str(src), "-o", str(dst)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+           *([preset_flag] if preset_flag else []), *extra, "--comfy_quant", "--save-quant-metadata",
+           "--device", "cpu", "-i", str(src), "-o", str(dst)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if r.returncode != 0 or not dst.exists():
         raise RuntimeError(f"ctq failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     return dst

@@ -103,9 +103,10 @@ def test_detected_like_the_bf16_original(comfy, zfiles):
     for blk in ("noise_refiner.0", "noise_refiner.1", "context_refiner.0", "context_refiner.1"):
         bf16[f"{blk}.attention.qkv.weight"] = (3 * s.dim, s.dim)
         bf16[f"{blk}.feed_forward.w1.weight"] = (s.ffn, s.dim)
+        bf16[f"{blk}.attention.k_norm.weight"] = (s.dim // 30,)   # 0.29 detects Lumina2 by it too
     bf16 = {k: torch.empty(v, dtype=torch.bfloat16) for k, v in bf16.items()}
     int8 = dict(bf16)
-    for k in [k for k in bf16 if "refiner" in k]:
+    for k in [k for k in bf16 if "refiner" in k and bf16[k].dim() == 2]:
         p = k[: -len(".weight")]
         int8[k] = torch.empty(bf16[k].shape, dtype=torch.int8)
         int8[f"{p}.weight_scale"] = torch.ones(bf16[k].shape[0], 1)
@@ -296,7 +297,7 @@ def test_qwen3_text_encoder(comfy, tefiles, tiny_qwen3_detected):
     clip = load_text_encoder(tefiles["int8"], "lumina2", "w8a16", model_options=dict(opts))
     assert isinstance(clip.patcher, Int8ModelPatcher)
     assert type(clip.cond_stage_model).__name__.startswith("ZImageTEModel")
-    assert count_quantized(clip.cond_stage_model) == (21, 21)   # 3 layers × (q, k, v, o, gate, up, down)
+    assert count_quantized(clip.cond_stage_model) == (21, 22)   # 3 layers × (q, k, v, o, gate, up, down); the table kept
     y = encode(clip)
     assert rel_err(encode(deq), y) < 1e-4                # plumbing: exactly the encoded model
     r = encode(ref)
