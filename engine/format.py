@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.hadamard import VALID_GROUP_SIZES
+from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
 from .errors import FileFormatError
 
 INT8_FORMAT = "int8_tensorwise"
@@ -65,16 +65,27 @@ class LayerQuant:
         return torch.tensor(list(json.dumps(self.to_json()).encode("utf-8")), dtype=torch.uint8)
 
 
+def convrot_group_size(cfg: dict):
+    """The layer's ConvRot group (None: not rotated), read as ComfyUI 0.29 reads it: top-level keys
+    win, then the same keys under "params"; 256 when `convrot` is set without a size."""
+    params = cfg.get("params")
+    params = params if isinstance(params, dict) else {}
+    if not cfg.get("convrot", params.get("convrot", False)):
+        return None
+    return cfg.get("convrot_groupsize", params.get("convrot_groupsize", 256))
+
+
 def parse_layer_json(cfg: dict, *, path=None, layer: str | None = None) -> LayerQuant:
     tensor = f"{layer}{QUANT_SUFFIX}" if layer else None
     fmt = cfg.get("format")
     if fmt != INT8_FORMAT:
         raise FileFormatError(f"layer format {fmt!r} is not INT8 ConvRot ({INT8_FORMAT!r})", path=path, tensor=tensor,
                               hint="load FP8/NVFP4 files with ComfyUI's own loader")
-    group = cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None
-    if group is not None and group not in VALID_GROUP_SIZES:
-        raise FileFormatError(f"ConvRot group size {group!r} is not a power of 4 {VALID_GROUP_SIZES}", path=path,
-                              tensor=tensor, hint="the file was written by an incompatible tool; re-convert it")
+    group = convrot_group_size(cfg)
+    if group is not None and (isinstance(group, bool) or not isinstance(group, int) or not is_power_of_4(group)):
+        raise FileFormatError(f"ConvRot group size {group!r} is not a power of 4 ({', '.join(map(str, VALID_GROUP_SIZES))}"
+                              ", ...)", path=path, tensor=tensor,
+                              hint="the file was written by an incompatible tool; re-convert it")
     orig = cfg.get("orig_dtype")
     dtype = parse_dtype(orig)
     if orig is not None and dtype is None:

@@ -7,7 +7,7 @@ import os
 from collections import Counter
 
 from .errors import FileFormatError
-from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS
+from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS, convrot_group_size
 from .policy import detect_preset
 from .safetensors_header import read_header
 from .safetensors_writer import human_bytes
@@ -25,7 +25,7 @@ def _read_json_tensor(fd: int, begin: int, end: int):
 def _layer_kind(cfg: dict) -> str:
     fmt = cfg.get("format", "?")
     if fmt == "int8_tensorwise":
-        return "int8_convrot" if cfg.get("convrot") else "int8_unrotated"
+        return "int8_convrot" if convrot_group_size(cfg) else "int8_unrotated"
     return fmt
 
 
@@ -60,8 +60,9 @@ def inspect_file(path) -> dict:
                 continue
             kind = _layer_kind(cfg)
             kinds[kind] += 1
-            if cfg.get("convrot"):
-                groups[cfg.get("convrot_groupsize", 256)] += 1
+            group = convrot_group_size(cfg)
+            if group is not None:
+                groups[group] += 1
             if kind.startswith("int8"):
                 scale = tensors.get(base + SCALE_SUFFIX)
                 if scale is None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.hadamard import VALID_GROUP_SIZES
+from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
 from .errors import FileFormatError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor
 
@@ -58,8 +58,8 @@ def check_layer(codes: torch.Tensor, scale: torch.Tensor, quant: LayerQuant, *, 
                               path=path, tensor=f"{layer}{SCALE_SUFFIX}")
     g = quant.group_size
     if g is not None:
-        if g not in VALID_GROUP_SIZES:
-            raise FileFormatError(f"ConvRot group size {g} is not supported (valid: {VALID_GROUP_SIZES})",
+        if not is_power_of_4(g):
+            raise FileFormatError(f"ConvRot group size {g} is not a power of 4 (valid: {VALID_GROUP_SIZES}, ...)",
                                   path=path, tensor=f"{layer}{QUANT_SUFFIX}", hint="re-convert the file")
         if in_f % g:
             raise FileFormatError(f"ConvRot group size {g} does not divide the input dimension {in_f}",

@@ -31,7 +31,7 @@ import torch
 
 from ..kernels import dequantize_weight, int8_linear, use_backend
 from .errors import FileFormatError
-from .format import INT8_FORMAT, QUANT_SUFFIX, SCALE_SUFFIX
+from .format import INT8_FORMAT, QUANT_SUFFIX, SCALE_SUFFIX, convrot_group_size
 from .safetensors_header import read_header
 from .safetensors_writer import ST_TO_TORCH
 from .sources import DM_PREFIX, Source
@@ -266,7 +266,7 @@ def iter_file_layers(path) -> Iterator[QuantLayer]:
                 continue
             if s is None:
                 raise FileFormatError("INT8 layer without weight_scale", path=path, tensor=base + ".weight")
-            group = cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None
+            group = convrot_group_size(cfg)
             yield QuantLayer(_strip(base), _read(fd, w, path), _read(fd, s, path).float(), group)
     finally:
         os.close(fd)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FileFormatError
-from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS
+from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS, convrot_group_size
 from .safetensors_header import Header, TensorEntry, read_header
 from .safetensors_writer import ST_TO_TORCH
 
@@ -51,7 +51,7 @@ class SourceTensor:
 
 
 def _group(cfg: dict):
-    return cfg.get("convrot_groupsize", 256) if cfg.get("convrot") else None
+    return convrot_group_size(cfg)
 
 
 def _refuse_quantized(path, name: str, fmt: str, group_size=None):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-# Sizes the format and ComfyUI's runtime accept; 4096 is still a power of 4 but no file uses it.
-VALID_GROUP_SIZES = (4, 16, 64, 256, 1024)
+# Every power of 4 is a valid group (as in comfy-kitchen, which builds H_g for any of them); these are
+# the ones offered as choices. Z-Image's files use 64, ComfyUI's own default is 256.
+VALID_GROUP_SIZES = (4, 16, 64, 256, 1024, 4096)
 
 H4 = ((1, 1, 1, -1), (1, 1, -1, 1), (1, -1, 1, 1), (-1, 1, 1, 1))
 
@@ -23,13 +24,13 @@ def is_power_of_4(g: int) -> bool:
 
 def check_group_size(group_size, what: str = "group size") -> int:
     """Return `group_size` as an int, or raise a ValueError that lists the valid sizes."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in VALID_GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not is_power_of_4(group_size):
         hint = " (a power of 2 but not of 4: a Sylvester Hadamard is a different matrix)" if (
             isinstance(group_size, int) and group_size > 0 and group_size & (group_size - 1) == 0
             and not is_power_of_4(group_size)) else ""
         raise ValueError(
             f"invalid ConvRot {what} {group_size!r}{hint}; valid sizes are powers of 4: "
-            f"{', '.join(map(str, VALID_GROUP_SIZES))} (64 for Z-Image files)")
+            f"{', '.join(map(str, VALID_GROUP_SIZES))}, ... (64 for Z-Image files)")
     return group_size
 
 

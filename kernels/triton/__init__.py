@@ -68,8 +68,16 @@ rotate_quantize_op = _define("rotate_quantize", _rotate_quantize_impl, _rotate_q
 int8_gemm_rescale_op = _define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
 
 
+# The fused kernel's largest group (H_1024 = H4 ⊗ H4 ⊗ H_64 stages); larger powers of 4 (4096, ...)
+# are valid files and take the torch rotation, with the same codes.
+MAX_FUSED_GROUP = 1024
+
+
 def rotate_quantize(x2d: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each row of x2d group-wise by H_g (None/0: no rotation) and quantize it per row."""
+    if group_size and group_size > MAX_FUSED_GROUP:
+        from ..linear import rotate_quantize_rows
+        return rotate_quantize_rows(x2d, group_size)
     return rotate_quantize_op(x2d, int(group_size or 0))
 
 
