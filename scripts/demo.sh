@@ -8,4 +8,4 @@ bash "$root/scripts/setup.sh"
 comfy="$(int8_convrot_comfyui_path "$root")"
 if [ -n "$comfy" ]; then export COMFYUI_PATH="$comfy"; fi
 py="${INT8_CONVROT_VENV:-$root/.cache/venv}/bin/python"
-exec "$py" -m comfyui_int8_convrot.engine.demo "$@"
+exec "$py" -m comfyui_int8_convrot.demo "$@"

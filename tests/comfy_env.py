@@ -29,19 +29,23 @@ TEST_NODES = Path(__file__).resolve().parent / "comfy_test_nodes"
 
 
 def comfyui_path() -> Path | None:
+    """$COMFYUI_PATH, else the ComfyUI this pack is installed in (ComfyUI/custom_nodes/<pack> → ../..)."""
     p = os.environ.get("COMFYUI_PATH")
-    if not p:
+    if p:
+        p = Path(p)
+    elif REPO.parent.name == "custom_nodes":
+        p = REPO.parent.parent
+    else:
         return None
-    p = Path(p)
     return p if (p / "main.py").is_file() and (p / "comfy").is_dir() else None
 
 
 def skip_reason() -> str:
     p = os.environ.get("COMFYUI_PATH")
-    if not p:
-        return ("COMFYUI_PATH is not set: the real-ComfyUI tests need a ComfyUI tree (scripts/test.sh unpacks "
-                "../shared/comfyui/ComfyUI-0.8.0.tar.gz into .cache/ComfyUI and sets it)")
-    return f"COMFYUI_PATH={p} is not a ComfyUI tree (no main.py / comfy/)"
+    if p:
+        return f"COMFYUI_PATH={p} is not a ComfyUI tree (no main.py / comfy/)"
+    return ("no ComfyUI found: set COMFYUI_PATH to a ComfyUI tree (or install the pack in ComfyUI/custom_nodes) "
+            "to run the real-ComfyUI tests; ../shared/comfyui/README.md says how to get 0.8.0 and 0.29.0")
 
 
 _SET_UP = False

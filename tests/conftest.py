@@ -5,6 +5,25 @@ import torch
 import comfy_env
 
 
+def pytest_report_header(config):
+    p = comfy_env.comfyui_path()
+    if p is None:
+        return f"ComfyUI: none ({comfy_env.skip_reason()})"
+    version = (p / "comfyui_version.py").read_text().split('"')[1] if (p / "comfyui_version.py").exists() else "?"
+    return f"ComfyUI: {p} (version {version})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per skip reason (the ComfyUI tests skip together: one line saying how to run them)."""
+    reasons: dict[str, int] = {}
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"SKIPPED {n} test{'s' if n > 1 else ''}: {reason}")
+
+
 def pytest_collection_modifyitems(config, items):
     no_comfy = comfy_env.comfyui_path() is None
     skip_comfy = pytest.mark.skip(reason=comfy_env.skip_reason()) if no_comfy else None
