@@ -9,8 +9,8 @@ Presets
 - `zimage`: convert-to-quant's `--zimage` lists, matched the way it matches them (substring of the
   tensor name), so the same layers are quantized as `ctq --zimage`.
 - `qwen3`: the Qwen3-4B text encoder as Z-Image uses it. Kept: `embed_tokens` (a lookup table: no
-  matmul to speed up, every prompt token reads it directly, and it is 0.78 GB of the 8 GB whose
-  INT8 saving would be only 0.39 GB), `lm_head` (not run by Z-Image, which reads hidden states;
+  matmul to speed up, every prompt token reads it directly; 0.78 GB in bf16 against 0.39 GB in INT8,
+  and `EMBEDDINGS_INCLUDE` quantizes it as ctq's no-preset recipe does, which our loaders read), `lm_head` (not run by Z-Image, which reads hidden states;
   often absent), norms (1-D). Every attention and MLP projection is quantized.
 - `generic`: every candidate whose input dimension divides by the group size; embeddings and norms
   kept; a layer whose input does not divide is kept (not quantized unrotated).
@@ -30,6 +30,9 @@ from .format import LayerQuant
 from .safetensors_writer import ST_TO_TORCH
 
 SCALINGS = ("row", "tensor")
+# `--include` pattern that quantizes token-embedding tables too (convert-to-quant's layout for Qwen3's
+# embed_tokens without a preset: int8 codes + row scales, looked up row by row at run time).
+EMBEDDINGS_INCLUDE = r"(^|\.)embed_tokens\.weight$"
 TENSOR_SCALING_WARNING = ("--scaling tensor: one scale per matrix with ConvRot gives soft, waxy images; "
                           "row (the default) is recommended")
 

@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..engine.errors import Int8ConvRotError
 from ..engine.loading import check_file, check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
+from .native import dynamic_vram_active, has_native_int8, memory_mode
 from .ops import Int8ModelPatcher, count_quantized, load_context, make_ops
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,29 @@ QUANTIZE_TOOLTIP = ("For a bf16/fp16/fp8 file: quantize its Linear layers to INT
                     "is written to disk). 'auto' picks the preset from the tensor names. 'off': the file must "
                     "already be INT8 ConvRot. Ignored for INT8 ConvRot files.")
 GROUP_SIZES = ["64", "16", "256"]
+LAYERS = ["auto", "pack", "native"]
+LAYERS_TOOLTIP = ("Which INT8 layers run the model. pack: this pack's (exact LoRA, INT8 embeddings, every ComfyUI; "
+                  "ComfyUI's classic model management). native: ComfyUI's own INT8 ConvRot layers (0.27+: dynamic "
+                  "VRAM, ComfyUI's LoRA re-quantization, kernels from this pack where its comfy-kitchen backend is "
+                  "on). auto: native where ComfyUI streams the model with dynamic VRAM (NVIDIA, 0.29+), else pack.")
+
+
+def resolve_layers(layers: str = "auto") -> tuple[str, str]:
+    """("pack" | "native", why) for the loaders' `layers` choice on this ComfyUI and device."""
+    if layers not in LAYERS:
+        raise Int8ConvRotError(f"unknown layers choice {layers!r}", hint=f"choose one of {LAYERS}")
+    native = has_native_int8()
+    if layers == "native":
+        if not native:
+            raise Int8ConvRotError("this ComfyUI has no native INT8 ConvRot layers (they arrived in 0.27)",
+                                   hint="choose layers 'pack' (or 'auto'), or update ComfyUI")
+        return "native", "chosen"
+    if layers == "pack":
+        return "pack", "chosen"
+    if native and dynamic_vram_active():
+        return "native", "auto: ComfyUI streams this model with dynamic VRAM, which needs its own layers"
+    return "pack", ("auto: no native INT8 in this ComfyUI" if not native else
+                    "auto: no dynamic VRAM on this device, and the pack's layers are faster and keep LoRA exact")
 
 
 class _Progress:
@@ -89,21 +113,39 @@ def _check_loaded(model: torch.nn.Module, path, report):
     return q, n
 
 
-def load_unet(path, mode: str = "auto", quantize: str | None = None, group_size: int = 64) -> Int8ModelPatcher:
-    """Load a diffusion model from an INT8 ConvRot file (or quantize a float one on load)."""
+def load_unet(path, mode: str = "auto", quantize: str | None = None, group_size: int = 64,
+              layers: str = "auto"):
+    """Load a diffusion model from an INT8 ConvRot file (or quantize a float one on load) with the pack's
+    layers or ComfyUI's native ones (`layers`, see LAYERS_TOOLTIP); returns a ModelPatcher."""
+    choice, why = resolve_layers(layers)
     ops = make_ops(mode)
     sd, metadata, progress, report = _read(path, quantize, group_size, "diffusion model")
+    options = {"custom_operations": ops} if choice == "pack" else {}
     with load_context(path, progress.tick) as ctx:
-        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": ops},
-                                                           metadata=metadata)
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=metadata)
     if patcher is None:
         raise Int8ConvRotError("ComfyUI could not detect the model type", path=path,
                                hint="is this a diffusion model (not a text encoder, VAE or LoRA)?")
-    check_int8_consumed(report["int8_keys"], ctx.consumed, path)
-    q, n = _check_loaded(patcher.model, path, report)
+    if choice == "pack":
+        check_int8_consumed(report["int8_keys"], ctx.consumed, path)
+        q, n = _check_loaded(patcher.model, path, report)
+        patcher = _adopt(patcher)
+        what = f"{q}/{n} layers int8 (pack layers, compute {mode})"
+    else:
+        what = f"ComfyUI's native INT8 layers (compute chosen by ComfyUI; '{mode}' applies to pack layers only)"
     progress.finish()
-    log.info("INT8 ConvRot: loaded %s as %s (%d/%d Linear layers int8, compute %s, %.2f GB)", path,
-             type(patcher.model.model_config).__name__, q, n, mode, patcher.model_size() / 1e9)
+    log.info("INT8 ConvRot: loaded %s as %s: %s, %.2f GB; layers %s (%s); memory: %s", path,
+             type(patcher.model.model_config).__name__, what, patcher.model_size() / 1e9, choice, why,
+             memory_mode(patcher))
+    return patcher
+
+
+def _adopt(patcher) -> Int8ModelPatcher:
+    """Our patcher (exact LoRA on pack layers) in place of ComfyUI's; it is a classic ModelPatcher, so a
+    dynamic-VRAM patcher is replaced on purpose and the log says so."""
+    if dynamic_vram_active(patcher.load_device) and not isinstance(patcher, Int8ModelPatcher):
+        log.info("INT8 ConvRot: pack layers use ComfyUI's classic model management instead of dynamic VRAM "
+                 "(choose layers 'native' or 'auto' for dynamic VRAM)")
     return Int8ModelPatcher.adopt(patcher)
 
 
@@ -122,30 +164,39 @@ def clip_types() -> list[str]:
 
 
 def load_text_encoder(path, clip_type: str = "lumina2", mode: str = "auto", quantize: str | None = None,
-                      group_size: int = 64, device: str = "default", model_options: dict | None = None):
-    """Load a text encoder (CLIP object) from an INT8 ConvRot file (or quantize a float one on load).
+                      group_size: int = 64, device: str = "default", model_options: dict | None = None,
+                      layers: str = "auto"):
+    """Load a text encoder (CLIP object) from an INT8 ConvRot file (or quantize a float one on load) with
+    the pack's layers or ComfyUI's native ones (`layers`).
 
     `model_options` adds to what ComfyUI's text-encoder loading accepts (e.g. `qwen3_4b_model_config`)."""
-    ops = make_ops(mode)
+    choice, why = resolve_layers(layers)
     ctype = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
     if ctype is None:
         raise Int8ConvRotError(f"unknown CLIP type {clip_type!r}", hint=f"choose one of {clip_types()}")
-    model_options = {**(model_options or {}), "custom_operations": ops}
+    model_options = dict(model_options or {})
     if device == "cpu":
         model_options["load_device"] = model_options["offload_device"] = torch.device("cpu")
-    # Built on the offload device: the patcher is replaced below, before anything is loaded.
-    model_options["initial_device"] = model_options.get("offload_device",
-                                                        comfy.model_management.text_encoder_offload_device())
+    if choice == "pack":
+        model_options["custom_operations"] = make_ops(mode)
+        # Built on the offload device: the patcher is replaced below, before anything is loaded.
+        model_options["initial_device"] = model_options.get("offload_device",
+                                                            comfy.model_management.text_encoder_offload_device())
     sd, _metadata, progress, report = _read(path, quantize, group_size, "text encoder")
     with load_context(path, progress.tick) as ctx:
         clip = comfy.sd.load_text_encoder_state_dicts([sd], embedding_directory=folder_paths.get_folder_paths(
             "embeddings"), clip_type=ctype, model_options=model_options)
-    check_int8_consumed(report["int8_keys"], ctx.consumed, path)
-    q, n = _check_loaded(clip.cond_stage_model, path, report)
-    _forget_loaded(clip.patcher)  # CLIP() may have loaded it already (load device == initial device)
-    clip.patcher = Int8ModelPatcher.adopt(clip.patcher)
+    if choice == "pack":
+        check_int8_consumed(report["int8_keys"], ctx.consumed, path)
+        q, n = _check_loaded(clip.cond_stage_model, path, report)
+        _forget_loaded(clip.patcher)  # CLIP() may have loaded it already (load device == initial device)
+        clip.patcher = _adopt(clip.patcher)
+        what = f"{q}/{n} layers int8 (pack layers, compute {mode})"
+    else:
+        what = "ComfyUI's native INT8 layers"
     progress.finish()
-    log.info("INT8 ConvRot: loaded text encoder %s (%d/%d Linear layers int8, compute %s)", path, q, n, mode)
+    log.info("INT8 ConvRot: loaded text encoder %s: %s; layers %s (%s); memory: %s", path, what, choice, why,
+             memory_mode(clip.patcher))
     return clip
 
 
@@ -164,14 +215,16 @@ class Int8ConvRotUNETLoader(io.ComfyNode):
                 io.Combo.Input("quantize_on_load", options=QUANTIZE_UNET, default="off", tooltip=QUANTIZE_TOOLTIP),
                 io.Combo.Input("group_size", options=GROUP_SIZES, default="64",
                                tooltip="ConvRot group size for quantize on load (64 for Z-Image)."),
+                io.Combo.Input("layers", options=LAYERS, default="auto", tooltip=LAYERS_TOOLTIP, optional=True),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, unet_name, compute="auto", quantize_on_load="off", group_size="64") -> io.NodeOutput:
+    def execute(cls, unet_name, compute="auto", quantize_on_load="off", group_size="64",
+                layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size)))
+        return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size), layers))
 
 
 class Int8ConvRotCLIPLoader(io.ComfyNode):
@@ -192,15 +245,17 @@ class Int8ConvRotCLIPLoader(io.ComfyNode):
                 io.Combo.Input("group_size", options=GROUP_SIZES, default="64",
                                tooltip="ConvRot group size for quantize on load (64 for Qwen3-4B)."),
                 io.Combo.Input("device", options=["default", "cpu"], default="default", optional=True),
+                io.Combo.Input("layers", options=LAYERS, default="auto", tooltip=LAYERS_TOOLTIP, optional=True),
             ],
             outputs=[io.Clip.Output()],
         )
 
     @classmethod
     def execute(cls, clip_name, type="lumina2", compute="auto", quantize_on_load="off", group_size="64",
-                device="default") -> io.NodeOutput:
+                device="default", layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device))
+        return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device,
+                                               layers=layers))
 
 
 NODES = [Int8ConvRotUNETLoader, Int8ConvRotCLIPLoader]

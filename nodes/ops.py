@@ -176,6 +176,13 @@ class _Int8Weight:
             destination.pop(prefix + "weight_scale", None)
             destination.pop(prefix + "comfy_quant", None)
 
+    def _weight_fns(self) -> tuple:
+        """Weight patches applied per call: ComfyUI's `weight_function` list and the single
+        `weight_lowvram_function` its dynamic-VRAM patcher (0.29) sets instead. Both are honoured, so a
+        LoRA is never dropped whichever patcher drives the layer."""
+        lowvram = getattr(self, "weight_lowvram_function", None)
+        return tuple(self.weight_function) + ((lowvram,) if lowvram is not None else ())
+
     def _dequantized(self, codes, scale, dtype=torch.float32):
         return kernels.dequantize_weight(codes, scale, self.group_size, dtype)
 
@@ -286,7 +293,7 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
 
         Cached while the same function objects see the same patch lists (identity and length: a
         ModelPatcher appends to its lists in place); the cache holds the objects, so no id is reused."""
-        fns = tuple(self.weight_function)
+        fns = self._weight_fns()
         lists = tuple(getattr(f, "patches", {}).get(getattr(f, "key", None)) for f in fns)
         lens = tuple(len(p) if p is not None else -1 for p in lists)
         c = self._lvp_cache
@@ -315,15 +322,16 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
         _run_every_op()
         codes, scale, bias, handle = self._cast_to(input)
         lowrank = self._lowrank
-        if not self.weight_function and self._lvp_cache is not None:
+        fns = self._weight_fns()
+        if not fns and self._lvp_cache is not None:
             object.__setattr__(self, "_lvp_cache", None)   # lowvram patches were wiped: drop their references
-        if self.weight_function:
+        if fns:
             extra = self._lowvram_lowrank()
             if extra is None:  # any other weight function: the dequantized (and LoRA-patched) weight, float32
                 w = self._dequantized(codes, scale)
                 for t in lowrank:   # functions see the patched weight, as with ComfyUI's own layers
                     w += t.delta(self.out_features).to(w.device)
-                for f in self.weight_function:
+                for f in fns:
                     w = f(w)
                 y = F.linear(input, w.to(input.dtype), bias)
                 self._uncast(codes, bias, handle)
@@ -372,11 +380,12 @@ class Int8ConvRotEmbedding(_Int8Weight, comfy.ops.manual_cast.Embedding):
             return super().forward(input, *args, out_dtype=out_dtype, **kwargs)
         _run_every_op()
         dtype = out_dtype if out_dtype is not None else self.dense_dtype
-        if self.weight_function or self.max_norm is not None:
+        fns = self._weight_fns()
+        if fns or self.max_norm is not None:
             # Patched table (lowvram LoRA/merge) or renormalisation: the dense table, as ComfyUI does.
             codes, scale, _, stream = self._cast_codes(input.device)
             w = self._dequantized(codes, scale)
-            for f in self.weight_function:
+            for f in fns:
                 w = f(w)
             self._uncast(codes, None, (stream, codes, None))
             return F.embedding(input, w, self.padding_idx, self.max_norm, self.norm_type).to(dtype)

@@ -72,6 +72,13 @@ def test_converts_beside_the_input_and_the_loaders_see_it(node, folders):
     out = convert(node, "text_encoders/qwen.safetensors", output_name="qwen int8")
     assert out.args[0] == "qwen int8.safetensors" and (te.parent / "qwen int8.safetensors").exists()
     assert "preset qwen3" in out.args[1]
+    from safetensors import safe_open
+    with safe_open(str(te.parent / "qwen int8.safetensors"), "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"      # kept by default
+    convert(node, "text_encoders/qwen.safetensors", output_name="qwen_emb", quantize_embeddings=True)
+    with safe_open(str(te.parent / "qwen_emb.safetensors"), "pt") as f:       # ctq's layout for the table
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "I8"
+        assert "model.embed_tokens.weight_scale" in f.keys() and "model.embed_tokens.comfy_quant" in f.keys()
 
 
 @pytest.mark.parametrize("name", ["../escape", "sub/dir.safetensors", "..", ".hidden.safetensors", "a\\b",
