@@ -48,6 +48,13 @@ def skip_reason() -> str:
             "to run the real-ComfyUI tests; ../shared/comfyui/README.md says how to get 0.8.0 and 0.29.0")
 
 
+def has_native_int8(path: Path | None = None) -> bool:
+    """Whether the ComfyUI tree reads INT8 ConvRot files itself (0.27+), without importing it."""
+    p = path or comfyui_path()
+    q = p / "comfy" / "quant_ops.py" if p else None
+    return bool(q and q.is_file() and "int8_tensorwise" in q.read_text())
+
+
 _SET_UP = False
 
 

@@ -30,6 +30,10 @@ def tiny_files(base):
         lora[f"diffusion_model.{name}.lora_up.weight"] = 0.2 * torch.randn(o, 4, generator=gen)
         lora[f"diffusion_model.{name}.lora_down.weight"] = 0.2 * torch.randn(4, i, generator=gen)
     comfy_env.save_state_dict(base / "models/loras/tiny_lora.safetensors", lora)
+    from comfyui_int8_convrot.engine.synthetic import Qwen3Shape, iter_qwen3
+    te = dict(iter_qwen3(Qwen3Shape(hidden=256, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=128, ffn=768)))
+    tq, tmeta = comfy_env.int8_state_dict(te, "qwen3", 64, include=("embed_tokens",))   # ctq's TE layout
+    comfy_env.save_state_dict(base / "models/text_encoders/tiny_qwen3_int8.safetensors", tq, tmeta)
 
 
 def stock_zimage_int8(path):
@@ -207,3 +211,46 @@ def test_lora_then_save_model_then_load(server):
     def cos(a, b):
         return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
     assert cos(lat_lora, lat_saved) > 0.999 and cos(lat_lora, lat_base) < cos(lat_lora, lat_saved)
+
+
+# -- ComfyUI with native INT8 (0.27+): the stock loaders and ours side by side on the same files ----
+
+def text_workflow(te_loader: dict, unet_loader: dict, lora: bool, seed: int) -> dict:
+    """TE loader → CLIPTextEncode → KSampler on the tiny Z-Image (caption width 256 = the tiny TE's)."""
+    model = ["1", 0]
+    wf = {
+        "1": unet_loader,
+        "6": te_loader,
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 0], "text": "a photo of a cat on a mat"}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": f"latents/t{seed}"}},
+    }
+    if lora:
+        wf["7"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": "tiny_lora.safetensors", "strength_model": 1.0}}
+        model = ["7", 0]
+    wf["4"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": seed, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+        "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0], "denoise": 1.0}}
+    return wf
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_stock_and_our_loaders_side_by_side(server, lora):
+    """On a ComfyUI that reads INT8 ConvRot itself, its stock UNETLoader + CLIPLoader and our two loaders
+    sample the same files (INT8 DiT, INT8 text encoder with an INT8 embedding table) alike, with a LoRA too."""
+    if not comfy_env.has_native_int8():
+        pytest.skip("this ComfyUI has no native INT8 ConvRot (0.27+): nothing to compare against")
+    stock = text_workflow({"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_qwen3_int8.safetensors",
+                                                                  "type": "lumina2", "device": "default"}},
+                          {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_zimage_int8.safetensors",
+                                                                  "weight_dtype": "default"}}, lora, seed=21)
+    ours = text_workflow({"class_type": "Int8ConvRotCLIPLoader", "inputs": {
+        "clip_name": "tiny_qwen3_int8.safetensors", "type": "lumina2", "compute": "auto", "quantize_on_load": "off",
+        "group_size": "64"}}, int8_loader("tiny_zimage_int8.safetensors"), lora, seed=21)
+    a, b = saved_latent(server, server.run(stock)), saved_latent(server, server.run(ours))
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    assert cos > 0.99, cos
+    if lora:
+        base = saved_latent(server, server.run(text_workflow(ours["6"], ours["1"], False, seed=21)))
+        assert torch.nn.functional.cosine_similarity(base.flatten(), b.flatten(), dim=0).item() < 0.9995
