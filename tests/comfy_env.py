@@ -82,6 +82,17 @@ def setup_in_process() -> Path:
     return path
 
 
+# -- comparisons ---------------------------------------------------------------------------------
+
+def rel_err(ref, y) -> float:
+    """‖ref − y‖ / ‖ref‖ in float64."""
+    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
+
+
+def cosine(ref, y) -> float:
+    return torch.nn.functional.cosine_similarity(ref.double().flatten(), y.double().flatten(), dim=0).item()
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 def save_state_dict(path, sd: dict, metadata: dict | None = None) -> Path:

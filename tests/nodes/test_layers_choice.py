@@ -6,14 +6,12 @@ import pytest
 import torch
 
 import comfy_env
+from comfy_env import cosine, rel_err  # noqa: F401
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
 TOKENS = 8
 
-
-def rel_err(ref, y):
-    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import comfy_env
+from comfy_env import cosine, rel_err  # noqa: F401
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
@@ -28,12 +29,6 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mo
 TOKENS = 8
 
 
-def rel_err(ref, y):
-    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
-
-
-def cosine(ref, y):
-    return torch.nn.functional.cosine_similarity(ref.double().flatten(), y.double().flatten(), dim=0).item()
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 import comfy_env
+from comfy_env import cosine, rel_err  # noqa: F401
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.usefixtures("comfyui_inference_mode")]
 
 OPTS = {"qwen3_4b_model_config": {"num_hidden_layers": 3}}
 PROMPT = "a photo of a red fox sitting in the snow, golden hour, 35mm"
 
-
-def cosine(ref, y):
-    return torch.nn.functional.cosine_similarity(ref.double().flatten(), y.double().flatten(), dim=0).item()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import comfy_env
+from comfy_env import cosine, rel_err  # noqa: F401
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
@@ -21,12 +22,6 @@ CONFIG = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
           "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
-def rel_err(ref, y):
-    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
-
-
-def cosine(ref, y):
-    return torch.nn.functional.cosine_similarity(ref.double().flatten(), y.double().flatten(), dim=0).item()
 
 
 @pytest.fixture(scope="module")
