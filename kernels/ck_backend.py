@@ -211,6 +211,8 @@ def int8_linear_rule(kwargs) -> tuple[str, str] | None:
     x, w, s = kwargs.get("x"), kwargs.get("weight"), kwargs.get("weight_scale")
     if not (_tensor(x) and _tensor(w) and _tensor(s)):
         return "x", "x, weight and weight_scale must be tensors"
+    if x.dtype not in FLOATS or w.dtype != torch.int8:
+        return "x", "x must be float32/float16/bfloat16 and weight int8"
     if w.dim() != 2 or x.dim() < 1:
         return "weight", "weight must be 2-D (N, K)"
     if x.device != w.device or s.device != w.device:
