@@ -23,6 +23,11 @@ TOKENS = 8
 
 
 def native_int8() -> bool:
+    """ComfyUI itself loads INT8 ConvRot (0.29+) and its comfy-kitchen has int8_linear (read from the tree:
+    comfy.* is imported only by the `comfy` fixture)."""
+    path = comfy_env.comfyui_path()
+    if path is None or "int8_tensorwise" not in (path / "comfy" / "quant_ops.py").read_text():
+        return False
     try:
         import comfy_kitchen as ck
     except Exception:
@@ -30,7 +35,7 @@ def native_int8() -> bool:
     return hasattr(ck, "int8_linear")
 
 
-needs_native = pytest.mark.skipif(not native_int8(), reason="this ComfyUI's comfy-kitchen has no int8_linear")
+needs_native = pytest.mark.skipif(not native_int8(), reason="this ComfyUI has no native INT8 ConvRot")
 
 
 def rel_err(y, ref):
@@ -162,6 +167,7 @@ def test_no_native_int8_is_a_logged_noop(reinstall, caplog):
     with caplog.at_level(logging.INFO):
         st = reinstall()
     assert not st["registered"]
-    assert any("comfy-kitchen backend not registered" in r.getMessage() for r in caplog.records)
+    assert any("comfy-kitchen backend not registered" in r.getMessage() and "no native INT8" in r.getMessage()
+               for r in caplog.records)
     from comfyui_int8_convrot.nodes import ck_registration
     assert "comfy-kitchen's own backends" in ck_registration.badge_text()
