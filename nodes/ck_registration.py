@@ -117,7 +117,15 @@ def _who_serves(registry) -> dict:
 
 
 def _summary(serves: dict) -> str:
-    return "; ".join(f"{k}: {v['backend']}" + (f" ({v['why']})" if v["why"] else "") for k, v in serves.items())
+    """"cpu: int8_convrot (why); cuda g64: ...; cuda g256: ..." (group sizes merged where they agree)."""
+    parts, by_dev = [], {}
+    for k, v in serves.items():
+        by_dev.setdefault(k.split()[0], []).append((k, v))
+    for dev, items in by_dev.items():
+        same = len({(v["backend"], v["why"]) for _, v in items}) == 1
+        for k, v in (items[:1] if same else items):
+            parts.append(f"{dev if same else k}: {v['backend']}" + (f" ({v['why']})" if v["why"] else ""))
+    return "; ".join(parts)
 
 
 def install(force: bool = False) -> dict:

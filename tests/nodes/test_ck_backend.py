@@ -117,6 +117,44 @@ def test_stock_loader_same_output_with_and_without(reg, zfiles):
     assert rel_err(ours, deq) <= 1.05 * rel_err(stock, deq) + 1e-6
 
 
+def tiny_lora(seed=4, rank=8) -> dict:
+    """A LoRA on every refiner Linear of ZIMAGE_TINY, strong enough to move the output well past 0.05."""
+    from comfyui_int8_convrot.engine.synthetic import ZIMAGE_TINY as s
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for blk in ("noise_refiner.0", "noise_refiner.1", "context_refiner.0", "context_refiner.1"):
+        for name, out_f, in_f in (("attention.qkv", 3 * s.dim, s.dim), ("attention.out", s.dim, s.dim),
+                                  ("feed_forward.w1", s.ffn, s.dim), ("feed_forward.w2", s.dim, s.ffn)):
+            p = f"diffusion_model.{blk}.{name}"
+            sd[f"{p}.lora_up.weight"] = 0.3 * torch.randn(out_f, rank, generator=gen)
+            sd[f"{p}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
+    return sd
+
+
+@needs_native
+def test_stock_loader_lora_and_no_stale_packs(reg, zfiles):
+    """ComfyUI merges a LoRA into INT8 weights by requantizing them (maybe in place, under inference_mode
+    where tensors have no version counter) and restores them afterwards: our cached packs must follow."""
+    import comfy.model_management as mm
+    import comfy.sd
+    patcher = comfy.sd.load_diffusion_model(str(zfiles["int8"]))
+    try:
+        base = forward(patcher)                                   # packs built for the plain weights
+        lora, _ = comfy.sd.load_lora_for_models(patcher, None, tiny_lora(), 1.0, 0)
+        ours = forward(lora)
+        reg.set_enabled(False)
+        stock = forward(lora)
+        reg.set_enabled(True)
+        assert rel_err(ours, base) > 0.1                          # the LoRA is really applied
+        assert rel_err(ours, stock) < 0.05
+        mm.unload_all_models()
+        again = forward(patcher)                                  # the LoRA taken off again
+        assert rel_err(again, base) < 1e-6
+    finally:
+        reg.set_enabled(True)
+        mm.unload_all_models()
+
+
 @needs_native
 def test_env_switch_restores_stock(reinstall, monkeypatch, caplog):
     from comfy_kitchen.registry import registry
