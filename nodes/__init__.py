@@ -25,3 +25,10 @@ for _name in _SUBMODULES:
 from .routes import register_routes  # noqa: E402
 
 register_routes()
+
+# The pack's one process-wide change to ComfyUI, explicit and logged: its kernels as a comfy-kitchen backend
+# for the stock loaders' native INT8 (a logged no-op without native INT8; off with INT8_CONVROT_CK_BACKEND=0).
+from . import ck_registration  # noqa: E402
+
+ck_registration.install()
+ck_registration.register_route()

@@ -8,6 +8,9 @@
 // - Converter node: what the chosen source is, live progress while it runs, then the summary it
 //   returns (also on the Save Model node).
 // - Inspect node: after a run, the quality headline under the badge (the chart shows as its preview).
+// - Stock UNETLoader / CLIPLoader on an INT8 ConvRot file: the same facts and which backend runs ComfyUI's
+//   native INT8 here (GET /api/int8_convrot/backend). The setting "INT8 ConvRot ▸ Native INT8" switches
+//   the pack's comfy-kitchen backend on/off at runtime (POST to the same route).
 //
 // The panel is a DOM widget that is never serialized and comes after the node's own widgets (a
 // serialize:false widget between them would shift widgets_values on reload), so saved workflows
@@ -25,6 +28,13 @@ const FILE_NODES = {
   Int8ConvRotInspect: { widget: "file", folder: null, minWidth: 520 }, // values are "folder/name"; a chart
   Int8ConvRotConverter: { widget: "model", folder: null, source: true }, // the file to convert
 };
+// Stock loaders: a badge only, saying who serves native INT8 (the pack's comfy-kitchen backend or not).
+const NATIVE_NODES = {
+  UNETLoader: { widget: "unet_name", folder: "diffusion_models", native: true },
+  CLIPLoader: { widget: "clip_name", folder: "text_encoders", native: true },
+};
+const BACKEND_ROUTE = "/int8_convrot/backend";
+const backend = { text: null, data: null };
 const CONVERTERS = new Set(["Int8ConvRotConverter", "Int8ConvRotSaveModel"]);
 const INSPECT = "Int8ConvRotInspect";
 const LINE_PX = 16;
@@ -200,6 +210,17 @@ function showFacts(node) {
     return;
   }
   const summary = data.summary;
+  if (st.spec?.native) {
+    // A stock loader: what the file is, and for INT8 ConvRot who runs it on this ComfyUI.
+    if (summary.format !== "int8_convrot") {
+      render(node, "pending", [{ text: summary.lines[0] }]);
+      return;
+    }
+    const rows = summaryRows(summary).filter((r) => r.cls !== "int8cr-warn");
+    if (backend.text) rows.push({ text: backend.text });
+    render(node, summary.level, rows);
+    return;
+  }
   if (st.spec?.source) {
     // The converter's input: a float file is what it wants; an INT8 one needs no conversion.
     if (summary.quantizable) {
@@ -306,6 +327,25 @@ function setupFileNode(node, spec) {
   queueMicrotask(() => node.int8cr.poll());
 }
 
+// -- native INT8 backend (the pack's comfy-kitchen backend) ---------------------------------------
+
+async function refreshBackend(enabled) {
+  try {
+    const res = enabled === undefined
+      ? await api.fetchApi(BACKEND_ROUTE, { cache: "no-store" })
+      : await api.fetchApi(BACKEND_ROUTE, {
+          method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ enabled }),
+        });
+    backend.data = await res.json();
+    backend.text = backend.data.badge ?? null;
+  } catch (err) {
+    backend.data = { error: String(err?.message ?? err) };
+    backend.text = null;
+  }
+  if (window.__int8ConvRot) window.__int8ConvRot.backend = backend.data;
+  for (const node of app.graph?._nodes ?? []) if (node.int8cr?.spec?.native && node.int8cr.data) showFacts(node);
+}
+
 // -- converter progress / summary, inspect results ------------------------------------------------
 
 function findNode(id) {
@@ -382,12 +422,26 @@ injectStyle();
 
 app.registerExtension({
   name: "int8_convrot.ui",
+  settings: [
+    {
+      id: "INT8ConvRot.NativeBackend",
+      category: ["INT8 ConvRot", "Native INT8", "Backend"],
+      name: "Run ComfyUI's native INT8 (stock loaders) on the pack's kernels",
+      tooltip: "Where faster (CPU; CUDA sm80+ with Triton at group size ≤ 64), the pack serves comfy-kitchen's " +
+        "int8_linear. Off: comfy-kitchen's own backends, exactly as without the pack. " +
+        "INT8_CONVROT_CK_BACKEND=0 on the server turns it off for good.",
+      type: "boolean",
+      defaultValue: true,
+      onChange: (value) => refreshBackend(value !== false),
+    },
+  ],
   async setup() {
     listen();
-    window.__int8ConvRot = { ready: true, route: ROUTE };
+    window.__int8ConvRot = { ready: true, route: ROUTE, backend: backend.data };
+    if (backend.data === null) refreshBackend();
   },
   nodeCreated(node) {
-    const spec = FILE_NODES[node.comfyClass];
+    const spec = FILE_NODES[node.comfyClass] ?? NATIVE_NODES[node.comfyClass];
     if (spec) setupFileNode(node, spec);
     else if (CONVERTERS.has(node.comfyClass)) setupConverter(node);
   },
