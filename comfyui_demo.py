@@ -82,13 +82,23 @@ def run_comfyui_demo(path, tmp, *, n_layers: int = 0, image_size: int = 256, cap
     del ref_patcher
     mm.unload_all_models()
     if has_native_int8():
-        # What this ComfyUI does with the same file by itself: its stock loader, native INT8.
-        p = comfy.sd.load_diffusion_model(str(dst))
-        y, dt, mem, peak, _ = measure(p)
-        results.append({"model": "INT8 file, stock loader", "seconds": dt, "weights_gib": mem, "peak_gib": peak,
-                        "rel_error": relative_error(y, ref), "cosine": cosine(ref, y)})
-        del p
-        mm.unload_all_models()
+        # What this ComfyUI does with the same file by itself (its stock loader, native INT8 on comfy-kitchen's
+        # own kernels), and the same with the pack's comfy-kitchen backend serving it.
+        from .nodes import ck_registration
+        registered = ck_registration.state()["registered"]
+        for label, pack in (("INT8 file, stock loader", False), ("stock loader + pack kernels", True)):
+            if pack and not registered:
+                continue
+            if registered:
+                ck_registration.set_enabled(pack)
+            p = comfy.sd.load_diffusion_model(str(dst))
+            y, dt, mem, peak, _ = measure(p)
+            results.append({"model": label, "seconds": dt, "weights_gib": mem, "peak_gib": peak,
+                            "rel_error": relative_error(y, ref), "cosine": cosine(ref, y)})
+            del p
+            mm.unload_all_models()
+        if registered:
+            ck_registration.set_enabled(True)
     for mode in modes:
         p = load_unet(dst, mode)
         assert type(p.model.model_config).__name__ == kind

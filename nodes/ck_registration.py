@@ -26,6 +26,8 @@ import threading
 
 import torch
 
+from .native import native_int8
+
 log = logging.getLogger(__name__)
 
 ENV = "INT8_CONVROT_CK_BACKEND"
@@ -38,20 +40,6 @@ _route_registered = False
 
 def _env_off() -> bool:
     return os.environ.get(ENV, "1").strip().lower() in ("0", "false", "off", "no")
-
-
-def comfy_native_int8() -> tuple[bool, str]:
-    """Does this ComfyUI itself load INT8 ConvRot files (its quant_ops knows int8_tensorwise)? 0.8.0 does
-    not, even with a comfy-kitchen that has int8_linear: then nothing of ComfyUI calls it."""
-    try:
-        import comfy.quant_ops as qo
-    except Exception as exc:
-        return False, f"ComfyUI's comfy.quant_ops is not importable ({type(exc).__name__}: {exc})"
-    if "int8_tensorwise" not in getattr(qo, "QUANT_ALGOS", {}):
-        return False, "this ComfyUI has no native INT8 (its quant_ops has no int8_tensorwise format)"
-    if not getattr(qo, "_CK_AVAILABLE", True):
-        return False, "this ComfyUI could not import comfy-kitchen, so it runs no native INT8"
-    return True, ""
 
 
 def _kitchen():
@@ -138,7 +126,7 @@ def install(force: bool = False) -> dict:
                           reason=f"{ENV}=0: comfy-kitchen's own backends serve INT8 (the pack's backend is off)")
             log.info("INT8 ConvRot: %s", _state["reason"])
             return dict(_state)
-        native, why = comfy_native_int8()
+        native, why = native_int8()
         ck, registry = _kitchen() if native else (None, why)
         if ck is None:
             _state.update(registered=False, enabled=False, serves={}, reason=registry)

@@ -30,10 +30,13 @@ def test_comfyui_demo_rows(comfy, tmp_path):
     """Inside ComfyUI: bf16 through the stock loader, our loader in both modes, and the stock loader on the
     INT8 file where this ComfyUI reads it natively — each row measured against the bf16 forward."""
     from comfyui_int8_convrot.comfyui_demo import run_comfyui_demo
+    from comfyui_int8_convrot.nodes import ck_registration
     from comfyui_int8_convrot.nodes.native import has_native_int8
     rep = run_comfyui_demo(comfy, tmp_path, image_size=64, cap_tokens=8, device="cpu", out=lambda s: None)
     names = [r["model"] for r in rep["results"]]
-    expect = ["bf16 file, stock"] + (["INT8 file, stock loader"] if has_native_int8() else []) + \
-        ["INT8 ConvRot loader w8a16", "INT8 ConvRot loader w8a8"]
+    native = ["INT8 file, stock loader"] if has_native_int8() else []
+    if native and ck_registration.state()["registered"]:
+        native.append("stock loader + pack kernels")
+    expect = ["bf16 file, stock"] + native + ["INT8 ConvRot loader w8a16", "INT8 ConvRot loader w8a8"]
     assert rep["detected"] == "ZImage" and names == expect
     assert all(r["cosine"] > 0.99 for r in rep["results"][1:])
