@@ -18,6 +18,9 @@ from .engine.model_demo import convert, cosine, peak_rss_gb, write_source
 from .engine.quality import relative_error
 from .engine.synthetic import ZImageShape
 
+# Up to this many tokens the demo also times comfy-kitchen's own CPU path (without the pack's kernels).
+CPU_STOCK_TOKENS = 64
+
 
 def _setup_comfyui(path: Path, device: str):
     if str(path) not in sys.path:
@@ -86,8 +89,14 @@ def run_comfyui_demo(path, tmp, *, n_layers: int = 0, image_size: int = 256, cap
         # own kernels), and the same with the pack's comfy-kitchen backend serving it.
         from .nodes import ck_registration
         registered = ck_registration.state()["registered"]
+        tokens = (image_size // 16) ** 2 + cap_tokens
         for label, pack in (("INT8 file, stock loader", False), ("stock loader + pack kernels", True)):
             if pack and not registered:
+                continue
+            if not pack and registered and mm.get_torch_device().type == "cpu" and tokens > CPU_STOCK_TOKENS:
+                # comfy-kitchen's CPU int8 GEMM (torch._int_mm) runs at ~1 GOP/s here: minutes per forward.
+                out(f"(stock comfy-kitchen CPU row skipped at {tokens} tokens: its torch._int_mm GEMM takes minutes "
+                    f"per forward on a CPU; --image-size 64 includes it)")
                 continue
             if registered:
                 ck_registration.set_enabled(pack)
