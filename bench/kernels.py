@@ -79,8 +79,9 @@ def main(argv=None) -> int:
                            if dev.type == "cuda" else float("nan"))
             ms = {key: v * 1e3 for key, v in t.items()}
             row = (f"| {m} | {k}→{n} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | {ms['ck']:.1f} | {ms['w8a16']:.1f} | "
-                   f"{ms['w8a8']:.1f} | {ms['rq']:.1f} | {ms['int_mm']:.1f} | {t['fp32'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a8']:.2f}× | "
-                   f"{t['ck'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a16']:.2f}× | {t['rq'] / t['w8a8']:.0%} | {t['int_mm'] / t['w8a8']:.2f}× |")
+                   f"{ms['w8a8']:.1f} | {ms['rq']:.1f} | {ms['int_mm']:.1f} | {t['fp32'] / t['w8a8']:.2f}× | "
+                   f"{t['bf16'] / t['w8a8']:.2f}× | {t['ck'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a16']:.2f}× | "
+                   f"{t['rq'] / t['w8a8']:.0%} | {t['int_mm'] / t['w8a8']:.2f}× |")
             print(row, flush=True)
             lines.append(row)
     if not args.no_write:
