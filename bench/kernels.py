@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="two small shapes (gpu_check.sh --dry)")
     args = ap.parse_args(argv)
-    shapes = [(256, 96), (128, 64)] if args.tiny else SHAPES
+    shapes = [(256, 96), (512, 64)] if args.tiny else SHAPES
     dev = torch.device(args.device)
     tokens = args.tokens or ([256, 1024, 4096, 8192] if dev.type == "cuda" else [256, 1024])
     g = args.group_size
