@@ -160,11 +160,12 @@ def launch_params(m: int, group_size: int, dot: str) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages) for M rows, group size g and the dot dtype name; every launch
     this can return is compiled for sm_80/86/89/90 by bench/aot_check.py and must not spill.
     - Memory-bound: small row blocks give many programs (M=4096 → 128–256 CTAs) and little register
-      pressure; g = 1024 keeps 16 sub-blocks of BLOCK_M×64 fp32 live: the smallest block, and 8 warps.
+      pressure. g = 256 keeps 4 sub-blocks of BLOCK_M×64 fp32 live: BLOCK_M 32 spilled on sm_8x (4 B per
+      thread at a 128-register cap), 16 does not; g = 1024 keeps 16: BLOCK_M 16 and 8 warps.
     - Shared memory as compiled: fp16/bf16 13–73 KB with 3 stages; the fp32 FMA dot stages its operands
       through shared memory, 3 stages took up to 147 KB (g = 1024) against ~17 KB with 1.
     """
-    block_m = 16 if (m <= 2048 or group_size >= 1024) else 32
+    block_m = 16 if (m <= 2048 or group_size >= 256) else 32
     return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
 
 
