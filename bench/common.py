@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+# INT8_CONVROT_RESULTS redirects the appends (bench/gpu_check.sh --dry writes to a scratch file).
+RESULTS = Path(os.environ.get("INT8_CONVROT_RESULTS") or Path(__file__).with_name("RESULTS.md"))
 
 
 def device_name(device: torch.device) -> str:

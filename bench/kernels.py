@@ -37,18 +37,20 @@ def main(argv=None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timing per cell")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="two small shapes (gpu_check.sh --dry)")
     args = ap.parse_args(argv)
+    shapes = [(256, 96), (512, 64)] if args.tiny else SHAPES
     dev = torch.device(args.device)
     tokens = args.tokens or ([256, 1024, 4096, 8192] if dev.type == "cuda" else [256, 1024])
     g = args.group_size
     ck = comfy_kitchen_linear()
     act_dtype = torch.bfloat16
-    header = ("| M | in→out | fp32 ms | bf16 ms | ck int8 ms | w8a16 ms | w8a8 ms | rot+quant ms | "
-              "w8a8 vs fp32 | w8a8 vs bf16 | w8a8 vs ck | w8a16 vs bf16 | rot+quant / w8a8 |")
-    lines = [header, "|" + "---|" * 13]
+    header = ("| M | in→out | fp32 ms | bf16 ms | ck int8 ms | w8a16 ms | w8a8 ms | rot+quant ms | _int_mm w8a8 ms | "
+              "w8a8 vs fp32 | w8a8 vs bf16 | w8a8 vs ck | w8a16 vs bf16 | rot+quant / w8a8 | w8a8 vs _int_mm |")
+    lines = [header, "|" + "---|" * 15]
     print(f"device: {device_name(dev)}; gemm backend: {select_gemm_backend(dev)}; group size {g}")
     print(header)
-    for k, n in SHAPES:
+    for k, n in shapes:
         gen = torch.Generator().manual_seed(0)
         w = (torch.randn(n, k, generator=gen) * k ** -0.5)
         codes, scale = quantize_weight(w, g)
@@ -72,10 +74,14 @@ def main(argv=None) -> int:
             ck_runs = ck is not None and (dev.type == "cuda" or m == min(tokens))
             t["ck"] = (timeit(lambda: ck(x, codes, scale, None, act_dtype, True, g), dev, args.budget)
                        if ck_runs else float("nan"))
+            # the same w8a8 with torch._int_mm as the GEMM (CUDA only: on CPU it is a scalar loop)
+            t["int_mm"] = (timeit(lambda: _int_mm_w8a8(x, codes, scale, g), dev, args.budget)
+                           if dev.type == "cuda" else float("nan"))
             ms = {key: v * 1e3 for key, v in t.items()}
             row = (f"| {m} | {k}→{n} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | {ms['ck']:.1f} | {ms['w8a16']:.1f} | "
-                   f"{ms['w8a8']:.1f} | {ms['rq']:.1f} | {t['fp32'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a8']:.2f}× | "
-                   f"{t['ck'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a16']:.2f}× | {t['rq'] / t['w8a8']:.0%} |")
+                   f"{ms['w8a8']:.1f} | {ms['rq']:.1f} | {ms['int_mm']:.1f} | {t['fp32'] / t['w8a8']:.2f}× | "
+                   f"{t['bf16'] / t['w8a8']:.2f}× | {t['ck'] / t['w8a8']:.2f}× | {t['bf16'] / t['w8a16']:.2f}× | "
+                   f"{t['rq'] / t['w8a8']:.0%} | {t['int_mm'] / t['w8a8']:.2f}× |")
             print(row, flush=True)
             lines.append(row)
     if not args.no_write:
@@ -83,6 +89,12 @@ def main(argv=None) -> int:
                        f"{device_name(dev)}; activations bf16; w8a8 GEMM backend `{select_gemm_backend(dev)}`",
                        lines)
     return 0
+
+
+def _int_mm_w8a8(x, codes, scale, g):
+    from comfyui_int8_convrot.kernels import use_backend
+    with use_backend("int_mm"):
+        return int8_linear(x, codes, scale, None, g, "w8a8")
 
 
 def _triton_rq(x, g):

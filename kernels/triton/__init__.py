@@ -7,13 +7,15 @@
 
 Both are `torch.library.custom_op`s in the `int8_convrot` namespace with fake (meta) kernels, so
 torch.compile traces through them as opaque ops instead of graph-breaking on a Triton launch.
-Triton itself is imported only when a kernel runs: importing this package never fails without it.
+Triton itself is imported only when a kernel runs: importing this package never fails without it, and
+a kernel that fails to compile or launch falls back to torch with one warning (fallback.py).
 """
 from __future__ import annotations
 
 import torch
 
 from ..backends import triton_status
+from . import fallback
 
 NAMESPACE = "int8_convrot"
 
@@ -39,7 +41,13 @@ def _existing(name: str):
 
 
 def _rotate_quantize_impl(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels()[0].rotate_quantize_triton(x, group_size)
+    def torch_path():
+        from ..linear import rotate_quantize_rows  # lazy: linear.py imports this package's backends
+        return rotate_quantize_rows(x, group_size)
+
+    # The fallback lives in the op, not its callers, so it also runs inside a torch.compile'd graph.
+    return fallback.run("rotate_quantize", x.device, (x.dtype, x.shape[-1], group_size),
+                        lambda: _kernels()[0].rotate_quantize_triton(x, group_size), torch_path)
 
 
 def _rotate_quantize_fake(x, group_size):
@@ -48,7 +56,16 @@ def _rotate_quantize_fake(x, group_size):
 
 def _int8_gemm_rescale_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
                             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype)
+    def torch_path():
+        # The Triton epilogue's roundings (fp32 ·sx, ·sw, +bias, one cast), so outputs stay bit-identical.
+        y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
+        if bias is not None:
+            y = y + bias.reshape(1, -1).float()
+        return y.to(out_dtype)
+
+    return fallback.run("int8_gemm", qx.device, (tuple(codes.shape), qx.shape[0] <= 16, out_dtype, bias is not None),
+                        lambda: _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype),
+                        torch_path)
 
 
 def _int8_gemm_rescale_fake(qx, sx, codes, sw, bias, out_dtype):

@@ -10,8 +10,9 @@ Design (why):
   like the torch epilogue of the other backends: acc→fp32, ·sx, ·sw, +bias in fp32 (fma contraction off),
   one cast to out_dtype. Fusing it saves writing and re-reading an (M, N) int32 tensor.
 - Autotuned per (M bucket, N, K): the token count M changes with every prompt length, and tuning each
-  exact M would re-benchmark on every new prompt; its next power of two does not. Configs that do not
-  fit a GPU's shared memory (~99 KB on sm86/sm89) fail to launch and the autotuner skips them.
+  exact M would re-benchmark on every new prompt; its next power of two does not. The configs come per
+  architecture family and are cut to the device's shared memory (gemm_configs.py), so the autotuner
+  never compiles a config that cannot launch; bench/aot_check.py proves they compile without spills.
 - Small M (≤ 16) gets its own configs (BLOCK_M = 16, narrow BLOCK_N): the GEMM is then a weight-streaming
   GEMV and needs many CTAs over N. No split-K: int8_linear's "auto" mode sends M < 16 to W8A16 anyway.
 - sm80+ only: Triton 3.x has no int8 MMA for Turing (compiling for sm75 fails), so sm75 gets a clear error.
@@ -25,41 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gemm_configs
 from ._runtime import INTERPRET, device_guard
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SMALL_M = 16
 # Keep acc·sx·sw + bias as separate fp32 roundings (no fma), so the output is bit-identical to the torch
 # epilogue of the int_mm/reference backends. The interpreter has no such option (and never fuses).
-_NO_FMA_CONTRACTION = {} if INTERPRET else {"enable_fp_fusion": False}
-
-
-def _cfg(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-                         num_stages=stages, num_warps=warps)
-
-
-if INTERPRET:  # numpy executes every program: one small config keeps the tests fast
-    LARGE_CONFIGS = SMALL_CONFIGS = [_cfg(16, 32, 32, 1, 4)]
-else:
-    # Shared memory as compiled for sm80 / sm90 (PTX, no GPU needed); sm86/sm89 allow ~99 KB, sm80 163 KB,
-    # sm90 227 KB. A config that does not fit fails at launch and the autotuner skips it.
-    LARGE_CONFIGS = [
-        _cfg(128, 256, 128, 3, 8),  # 96 / 144 KB
-        _cfg(256, 128, 128, 3, 8),  # 96 / 144 KB
-        _cfg(128, 128, 128, 4, 4),  # 96 / 128 KB
-        _cfg(128, 128, 64, 4, 4),   # 48 / 64 KB
-        _cfg(128, 64, 128, 4, 4),   # 72 / 96 KB
-        _cfg(64, 128, 128, 4, 4),   # 72 / 96 KB
-        _cfg(64, 64, 128, 4, 4),    # 48 / 64 KB: medium M
-        _cfg(32, 64, 256, 3, 4),    # 48 KB: M in 17..64
-    ]
-    SMALL_CONFIGS = [
-        _cfg(16, 32, 256, 4, 4, 1),
-        _cfg(16, 64, 256, 4, 4, 1),
-        _cfg(16, 64, 128, 5, 4, 1),
-        _cfg(16, 128, 128, 4, 4, 1),
-    ]
+FP_FUSION = False
+_FP_FUSION_OPTION = {} if INTERPRET else {"enable_fp_fusion": FP_FUSION}
 
 
 def _prune(configs, named_args, **kwargs):
@@ -120,8 +95,21 @@ def _tuned(configs):
                            prune_configs_by={"early_config_prune": _prune})(heur)
 
 
-_GEMM_SMALL_M = _tuned(SMALL_CONFIGS)
-_GEMM = _tuned(LARGE_CONFIGS)
+_TUNED: dict[tuple, tuple] = {}  # (capability, shared memory) → (small-M, large-M) autotuned kernels
+
+
+def _kernels_for(t: torch.Tensor):
+    if INTERPRET or not t.is_cuda:
+        key = ("interpreter",)
+    else:
+        key = (torch.cuda.get_device_capability(t.device), gemm_configs.device_smem_limit(t.device))
+    if key not in _TUNED:
+        if len(key) == 1:
+            large = small = gemm_configs.INTERPRETER
+        else:
+            large, small = gemm_configs.configs_for(*key)
+        _TUNED[key] = (_tuned(small), _tuned(large))
+    return _TUNED[key]
 
 
 def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
@@ -150,7 +138,7 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
     sx = sx.reshape(-1).float().contiguous()
     sw = sw.reshape(-1).float().contiguous()  # also materializes an expanded per-tensor scale
     bias = None if bias is None else bias.reshape(-1).contiguous()
-    kernel = _GEMM_SMALL_M if m <= SMALL_M else _GEMM
+    kernel = _kernels_for(qx)[0 if m <= SMALL_M else 1]
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -158,5 +146,5 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
     with device_guard(qx):
         kernel[grid](qx, codes, sx, sw, bias if bias is not None else sw, y, m, n, k,
                      max(SMALL_M, triton.next_power_of_2(m)), qx.stride(0), codes.stride(0), y.stride(0),
-                     HAS_BIAS=bias is not None, **_NO_FMA_CONTRACTION)
+                     HAS_BIAS=bias is not None, **_FP_FUSION_OPTION)
     return y

@@ -39,6 +39,17 @@ from ..rotation import check_divisible
 from ._runtime import INTERPRET, device_guard
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# FP contraction set explicitly, not left to Triton's default (announced to flip in 3.10): off, so the
+# compiled kernel rounds each add and multiply as the interpreter the tests run does (the fp32 dot's
+# fma are explicit and unaffected). The interpreter has no such option.
+FP_FUSION = False
+_FP_FUSION_OPTION = {} if INTERPRET else {"enable_fp_fusion": FP_FUSION}
+# fp32 activations at g ≥ 256 take the torch path (kernels.linear.rotate_quantize_rows, the reference
+# itself, so codes are those of every other backend): the fp32 FMA dot keeps each thread's rows of x and
+# columns of H_64 in registers, and with 4 or 16 sub-blocks in flight it spilled 0.5–48 KB per thread on
+# every target (bench/aot_check.py; 16-deep chained dots spilled as much). ComfyUI runs diffusion models in
+# bf16/fp16, so fp32 here is rare; bf16/fp16 use the tensor-core dot and do not spill.
+TORCH_FP32_MIN_GROUP = 256
 _TILE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -142,6 +153,22 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
           True, ROTATE, NSUB, W, INTERPRET)
 
 
+_DOT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def launch_params(m: int, group_size: int, dot: str) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages) for M rows, group size g and the dot dtype name; every launch
+    this can return is compiled for sm_80/86/89/90 by bench/aot_check.py and must not spill.
+    - Memory-bound: small row blocks give many programs (M=4096 → 128–256 CTAs) and little register
+      pressure. g = 256 keeps 4 sub-blocks of BLOCK_M×64 fp32 live: BLOCK_M 32 spilled on sm_8x (4 B per
+      thread at a 128-register cap), 16 does not; g = 1024 keeps 16: BLOCK_M 16 and 8 warps.
+    - Shared memory as compiled: fp16/bf16 13–73 KB with 3 stages; the fp32 FMA dot stages its operands
+      through shared memory, 3 stages took up to 147 KB (g = 1024) against ~17 KB with 1.
+    """
+    block_m = 16 if (m <= 2048 or group_size >= 256) else 32
+    return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
+
+
 def _dot_dtype(x: torch.Tensor) -> torch.dtype:
     """fp16/bf16 activations feed the MMA directly (exact products); fp32 uses an IEEE fp32 dot.
     bf16 MMA needs sm80+, and the interpreter multiplies bf16 as raw uint16 bits: upcast there."""
@@ -181,19 +208,15 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tens
     if m == 0 or k == 0:
         return q, s.fill_(SCALE_FLOOR)
     dot_dtype = _dot_dtype(x)
+    if x.dtype == torch.float32 and group_size >= TORCH_FP32_MIN_GROUP:
+        from ..linear import rotate_quantize_rows  # lazy: linear.py imports the backends that import us
+        return rotate_quantize_rows(x, group_size)
     h = rotation_tile(group_size, x.device, dot_dtype) if group_size else s  # s: unused placeholder pointer
-    # Memory-bound: small row blocks give many programs (M=4096 → 128–256 CTAs) and little register pressure.
-    # g = 1024 keeps 16 sub-blocks of BLOCK_M×64 fp32 live: the smallest block, and 8 warps to hold them.
-    block_m = 16 if (m <= 2048 or group_size >= 1024) else 32
-    # Shared memory compiled for sm80 (no GPU needed to measure it): fp16/bf16 10–12 KB at any g with the
-    # default 3 stages; the fp32 FMA dot stages its operands through shared memory, 3 stages took up to
-    # 147 KB (g = 1024) against 20–25 KB with 1, and consumer GPUs have ~100 KB.
-    stages = 1 if dot_dtype == torch.float32 else 3
+    block_m, warps, stages = launch_params(m, group_size, _DOT_NAMES[dot_dtype])
     grid = (triton.cdiv(m, block_m),)
     with device_guard(x):
         _rotate_quant_kernel[grid](
             x, h, q, s, m, k, x.stride(0), q.stride(0), ROTATE=bool(group_size),
             NSUB=max(1, group_size // 64), BLOCK_M=block_m, INTERPRET=INTERPRET,
-            num_warps=8 if group_size >= 1024 else 4, num_stages=stages)
+            num_warps=warps, num_stages=stages, **_FP_FUSION_OPTION)
     return q, s
-

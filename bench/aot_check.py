@@ -1,0 +1,280 @@
+"""Ahead-of-time compile check of the Triton kernels for the GPUs users have, on a machine without one.
+
+Every config and variant the wrappers can launch is compiled with Triton's bundled ptxas to a cubin for
+sm_80, sm_86, sm_89 and sm_90 (no GPU or driver needed). A variant fails the check when it does not
+compile, when the GEMM has no integer MMA, when it needs more shared memory than the target allows per
+block, or when ptxas reports register spills (anywhere in the kernel, which is stricter than "in the loop").
+
+Usage: python bench/aot_check.py [--jobs 2] [--write] [--targets 80 86 89 90]
+  --write appends the table to bench/RESULTS.md. tests/kernels/test_aot_compile.py runs the same code.
+It must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions): it runs the
+compiles in worker processes that unset it, so it can be called from an interpreter test session too.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+
+# Shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+TARGETS = tuple(SMEM_LIMIT)
+_D16 = [["tt.divisibility", 16]]  # what a launch specializes for 16-byte aligned pointers and ints % 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: str        # "gemm" or "rotate_quant"
+    name: str          # row label in the table
+    target: int        # compute capability, e.g. 86
+    constexprs: tuple  # sorted (name, value) pairs
+    dtypes: tuple      # sorted (pointer arg, triton dtype) pairs
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass
+class Result:
+    variant: Variant
+    ok_compile: bool
+    shared: int = 0
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    mma: str = ""
+    error: str = ""
+    seconds: float = 0.0
+    estimate: int | None = None  # gemm_configs.smem_bytes, which the runtime filters configs by
+
+    def problems(self) -> list[str]:
+        v = self.variant
+        if not self.ok_compile:
+            return [f"does not compile: {self.error}"]
+        out = []
+        if self.shared > SMEM_LIMIT[v.target]:
+            out.append(f"shared memory {self.shared} B > {SMEM_LIMIT[v.target]} B")
+        if self.spill_stores or self.spill_loads:
+            out.append(f"spills {self.spill_stores}/{self.spill_loads} B")
+        if v.kernel == "gemm" and not re.search(r"\bs8\b", self.mma):
+            out.append(f"no integer MMA ({self.mma or 'none'})")
+        if self.estimate is not None and self.shared > self.estimate:
+            out.append(f"shared memory {self.shared} B above the runtime estimate {self.estimate} B")
+        return out
+
+
+# ---- what the wrappers can launch -------------------------------------------------------------------
+
+def _gemm_configs(target: int):
+    try:
+        from comfyui_int8_convrot.kernels.triton import gemm_configs
+    except ImportError:  # before the per-architecture tables existed: one list for every GPU
+        from comfyui_int8_convrot.kernels.triton import int8_gemm as G
+        return G.LARGE_CONFIGS, G.SMALL_CONFIGS
+    return gemm_configs.configs_for((target // 10, target % 10), SMEM_LIMIT[target])
+
+
+def _rotate_params(target: int, m: int, group_size: int, dot: str):
+    from comfyui_int8_convrot.kernels.triton import rotate_quant as R
+    if hasattr(R, "launch_params"):
+        return R.launch_params(m, group_size, dot)
+    block_m = 16 if (m <= 2048 or group_size >= 1024) else 32  # before launch_params existed
+    return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
+
+
+def _rotate_launches_triton(dot: str, group_size: int) -> bool:
+    from comfyui_int8_convrot.kernels.triton import rotate_quant as R
+    return not (dot == "fp32" and group_size >= getattr(R, "TORCH_FP32_MIN_GROUP", 1 << 30))
+
+
+def variants(targets=TARGETS) -> list[Variant]:
+    out = []
+    for t in targets:
+        large, small = _gemm_configs(t)
+        # Every config × EVEN_K (the loop), with the widest epilogue (bias, fp32 out); the other epilogues
+        # (out dtype, no bias) with the first config of each list.
+        for which, cfgs in (("large", large), ("small", small)):
+            for i, c in enumerate(cfgs):
+                kw = c.kwargs
+                label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                epilogues = [(True, "fp32")]
+                if i == 0:  # the epilogue does not touch the loop: its other variants once per list
+                    epilogues += [(True, "bf16"), (True, "fp16"), (False, "bf16")]
+                for even_k in (True, False):
+                    for bias, out_dt in epilogues:
+                        if not even_k and (bias, out_dt) != (True, "fp32"):
+                            continue
+                        name = f"{which} {label}" + ("" if even_k else " K-tail") + \
+                            ("" if (bias, out_dt) == (True, "fp32") else f" bias={int(bias)} {out_dt}")
+                        ce = dict(kw, HAS_BIAS=bias, EVEN_K=even_k)
+                        out.append(Variant("gemm", name, t, tuple(sorted(ce.items())),
+                                           (("bias_ptr", out_dt), ("y_ptr", out_dt)), c.num_warps, c.num_stages))
+        for dot in ("fp32", "bf16", "fp16"):
+            for g in (0, 64, 256, 1024):  # g = 4 and 16 launch the g = 64 program with another tile
+                seen = set()
+                for m in (2048, 4096):
+                    if not _rotate_launches_triton(dot, g):
+                        continue
+                    bm, warps, stages = _rotate_params(t, m, g, dot)
+                    if (bm, warps, stages) in seen:
+                        continue
+                    seen.add((bm, warps, stages))
+                    ce = dict(ROTATE=bool(g), NSUB=max(1, g // 64), BLOCK_M=bm, INTERPRET=False)
+                    ptrs = (("h_ptr", dot if g else "fp32"), ("x_ptr", dot))
+                    out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages}", t,
+                                       tuple(sorted(ce.items())), ptrs, warps, stages))
+    return out
+
+
+# ---- compiling one variant (in a worker process) ----------------------------------------------------
+
+_GEMM_SIG = dict(a_ptr="*i8", b_ptr="*i8", sx_ptr="*fp32", sw_ptr="*fp32", bias_ptr="*fp32", y_ptr="*fp32",
+                 M="i32", N="i32", K="i32", M_BUCKET="i32", stride_am="i32", stride_bn="i32", stride_ym="i32")
+_GEMM_ALIGNED = ("a_ptr", "b_ptr", "sx_ptr", "sw_ptr", "bias_ptr", "y_ptr", "N", "K", "stride_am", "stride_bn",
+                 "stride_ym")
+_ROT_SIG = dict(x_ptr="*fp32", h_ptr="*fp32", q_ptr="*i8", s_ptr="*fp32", M="i32", K="i32", stride_xm="i32",
+                stride_qm="i32")
+_ROT_ALIGNED = ("x_ptr", "h_ptr", "q_ptr", "s_ptr", "K", "stride_xm", "stride_qm")
+
+
+def _worker_init(cache_dir: str):
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # fresh: a cache hit would skip ptxas and its -v report
+
+
+def compile_variant(v: Variant) -> Result:
+    t0 = time.time()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if v.kernel == "gemm":
+        from comfyui_int8_convrot.kernels.triton.int8_gemm import _int8_gemm_rescale_kernel as fn
+        sig, aligned = dict(_GEMM_SIG), _GEMM_ALIGNED
+    else:
+        from comfyui_int8_convrot.kernels.triton.rotate_quant import _rotate_quant_kernel as fn
+        sig, aligned = dict(_ROT_SIG), _ROT_ALIGNED
+    for ptr, dt in v.dtypes:
+        sig[ptr] = "*" + dt
+    ce = dict(v.constexprs)
+    sig.update({k: "constexpr" for k in ce})
+    attrs = {(fn.arg_names.index(a),): _D16 for a in aligned}
+    opts = dict(num_warps=v.num_warps, num_stages=v.num_stages)
+    fusion = getattr(sys.modules[fn.__module__], "FP_FUSION", None)
+    if fusion is not None:
+        opts["enable_fp_fusion"] = fusion
+    elif v.kernel == "gemm":
+        opts["enable_fp_fusion"] = False  # what the GEMM wrapper passed before FP_FUSION existed
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", v.target, 32), options=opts)
+    except Exception as exc:  # a failure to compile is a result, reported in the table
+        msg = str(exc).strip().splitlines()
+        return Result(v, False, error=(msg[0] if msg else type(exc).__name__)[:200], seconds=time.time() - t0)
+    text = log.getvalue()
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    ptx = k.asm["ptx"]
+    mma = sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)\.[\w.]+)", ptx)))
+    fma = "fma" if re.search(r"\bfma\.rn\.f32\b", ptx) else ""
+    estimate = None
+    if v.kernel == "gemm":
+        try:
+            from comfyui_int8_convrot.kernels.triton import gemm_configs
+            cfg = gemm_configs._cfg(ce["BLOCK_M"], ce["BLOCK_N"], ce["BLOCK_K"], v.num_stages, v.num_warps)
+            estimate = gemm_configs.smem_bytes(cfg, (v.target // 10, v.target % 10))
+        except ImportError:
+            pass
+    return Result(v, True, shared=int(k.metadata.shared), registers=max(regs, default=0), estimate=estimate,
+                  spill_stores=sum(int(a) for a, _ in spills), spill_loads=sum(int(b) for _, b in spills),
+                  mma=_short_mma(mma) or fma, seconds=time.time() - t0)
+
+
+def _short_mma(names: list[str]) -> str:
+    """mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 → mma m16n8k32 s8 (one per kind)."""
+    out = []
+    for n in names:
+        shape = re.search(r"\.(m\d+n\d+k\d+)", n)
+        kind = "wgmma" if n.startswith("wgmma") else "mma"
+        ab = re.findall(r"\.(s8|u8|bf16|f16|tf32|f32|e4m3|e5m2)\b", n)
+        out.append(f"{kind} {shape.group(1) if shape else ''} {ab[-1] if ab else ''}".strip())
+    return ", ".join(sorted(set(out)))
+
+
+def run(targets=TARGETS, jobs: int = 2) -> list[Result]:
+    vs = variants(targets)
+    ctx = multiprocessing.get_context("spawn")  # no forked CUDA/Triton state; picks up the env above
+    with tempfile.TemporaryDirectory(prefix="int8-convrot-aot-") as cache:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
+                                                    initargs=(cache,)) as pool:
+            return list(pool.map(compile_variant, vs))
+
+
+# ---- the table --------------------------------------------------------------------------------------
+
+def _cell(r: Result) -> str:
+    if not r.ok_compile:
+        return "**FAILS**"
+    spill = f"{r.spill_stores}/{r.spill_loads}" if (r.spill_stores or r.spill_loads) else "0"
+    cell = f"{r.shared / 1024:.0f} KB, {r.registers} r, sp {spill}, {r.mma or '—'}"
+    return f"**{cell}**" if r.problems() else cell
+
+
+def table(results: list[Result]) -> str:
+    targets = sorted({r.variant.target for r in results})
+    rows: dict[tuple, dict[int, Result]] = {}
+    for r in results:
+        rows.setdefault((r.variant.kernel, r.variant.name), {})[r.variant.target] = r
+    head = "| kernel | variant | " + " | ".join(f"sm_{t}" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (2 + len(targets))]
+    for (kernel, name), per in rows.items():
+        lines.append(f"| {kernel} | {name} | " + " | ".join(_cell(per[t]) if t in per else "not kept"
+                                                         for t in targets) + " |")
+    return "\n".join(lines)
+
+
+def failures(results: list[Result]) -> list[str]:
+    return [f"{r.variant.kernel} {r.variant.name} sm_{r.variant.target}: {p}" for r in results for p in r.problems()]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--targets", type=int, nargs="+", default=list(TARGETS))
+    ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    ap.add_argument("--title", default="AOT compile check")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    results = run(tuple(args.targets), args.jobs)
+    import triton
+    bad = failures(results)
+    text = table(results)
+    summary = (f"- {len(results)} variants, Triton {triton.__version__} with its bundled ptxas, no GPU; "
+               f"{time.time() - t0:.0f} s with {args.jobs} jobs\n"
+               "- cell: shared memory per block, registers per thread, spill stores/loads (bytes per thread), "
+               "MMA instruction in the PTX (`fma`: an FP32 FMA dot); **bold** fails the check\n"
+               f"- shared-memory limits: " + ", ".join(f"sm_{t} {SMEM_LIMIT[t] // 1024} KB" for t in args.targets)
+               + f"\n- failures: {len(bad)}")
+    print(text)
+    print(summary)
+    for b in bad:
+        print("FAIL", b)
+    if args.write:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from common import append_results
+        append_results(f"bench/aot_check.py: {args.title}", "python bench/aot_check.py --write",
+                       "none (compiled for " + ", ".join(f"sm_{t}" for t in args.targets) + ")",
+                       [summary, "", text])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# One prepared device run, ≤ 8 minutes on any CUDA GPU: the GPU test tier (Triton kernels vs the reference
+# at Z-Image shapes, every mode, dtype and group size; autotune), bench/kernels.py (ours w8a8/w8a16 vs bf16
+# F.linear, comfy-kitchen's int8_linear at g = 64 and 256, torch._int_mm), bench/model.py (with peak VRAM),
+# all appended with the GPU's name to bench/RESULTS.md.
+#   bash bench/gpu_check.sh          needs CUDA; refuses clearly without it
+#   bash bench/gpu_check.sh --dry    the same steps on CPU under the Triton interpreter with tiny shapes,
+#                                    writing to a scratch RESULTS file (CI runs this so the script cannot rot)
+# Environment: PYTHON (default: python), COMFYUI_PATH (bench/model.py needs a ComfyUI; skipped, saying so, without).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python}"
+dry=0
+[ "${1:-}" = "--dry" ] && dry=1
+
+if [ "$dry" = 0 ]; then
+  if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: no CUDA device visible to torch on this machine; this run needs a GPU." >&2
+    echo "             (bash bench/gpu_check.sh --dry checks the same steps on CPU)" >&2
+    exit 2
+  fi
+  unset TRITON_INTERPRET INT8_CONVROT_GPU_DRY
+  gpu="$("$py" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB')")"
+  kernel_args=(--device cuda --budget 0.3)
+  model_args=(--device cuda --reps 3)
+else
+  export TRITON_INTERPRET=1 INT8_CONVROT_GPU_DRY=1
+  scratch="$(mktemp -d)"
+  trap 'rm -rf "$scratch"' EXIT
+  export INT8_CONVROT_RESULTS="${INT8_CONVROT_RESULTS:-$scratch/RESULTS.md}"
+  gpu="dry run on CPU (Triton interpreter)"
+  kernel_args=(--device cpu --tiny --tokens 16 --budget 0.01)
+  model_args=(--device cpu --layers 1 --image 64 --caption-tokens 8 --reps 1 --modes w8a8)
+fi
+export INT8_CONVROT_TRITON_FALLBACK=0  # a kernel that fails must fail here, not pass on the torch fallback
+export PYTHONUNBUFFERED=1
+results="${INT8_CONVROT_RESULTS:-$root/bench/RESULTS.md}"
+log="$(mktemp)"
+start=$(date +%s)
+status=0
+
+step() {  # step NAME CMD...: run, keep the output's tail for RESULTS.md, remember a failure
+  local name="$1"; shift
+  local t0=$(date +%s) rc=0
+  echo "== $name: $*"
+  "$@" 2>&1 | tee -a "$log" || rc=$?
+  echo "- $name: exit $rc, $(( $(date +%s) - t0 )) s" >> "$log.summary"
+  [ "$rc" = 0 ] || status=1
+}
+
+step "GPU test tier" "$py" -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_kernels.py -rA
+step "kernels g=64" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 64
+step "kernels g=256" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 256
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  step "model (peak VRAM)" "$py" bench/model.py "${model_args[@]}"
+else
+  echo "- model: skipped, COMFYUI_PATH is not set" >> "$log.summary"
+fi
+
+{
+  echo
+  echo "## bench/gpu_check.sh — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- device: $gpu"
+  echo "- total: $(( $(date +%s) - start )) s; torch $("$py" -c 'import torch; print(torch.__version__)'), triton $("$py" -c 'import triton; print(triton.__version__)')"
+  cat "$log.summary"
+  echo
+  echo "GPU test tier, last lines:"
+  echo
+  echo '```'
+  grep -E "passed|failed|error|autotune" "$log" | tail -n 40 || true
+  echo '```'
+} >> "$results"
+rm -f "$log" "$log.summary"
+echo "gpu_check.sh: results appended to $results (exit $status)"
+exit "$status"
