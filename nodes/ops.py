@@ -268,7 +268,7 @@ class Int8ConvRotLinear(comfy.ops.manual_cast.Linear):
                 terms = None
                 break
             terms.extend(t)
-        terms = None if terms is None else LowRankSet(terms)
+        terms = None if terms is None else LowRankSet(terms, keep=False)   # offloaded: no device copies kept
         object.__setattr__(self, "_lvp_cache", (fns, lists, lens, terms))
         return terms
 

@@ -111,6 +111,9 @@ def test_lowrank_set_is_a_tuple_with_a_cached_stack():
     assert lr.stacked(torch.device("cpu"), torch.float32) is a and a.down.dtype == torch.float32
     assert L.join_lowrank(lr, ()) is lr and L.join_lowrank((), lr) is lr
     assert L.join_lowrank(lr, lr[:1]) == terms + terms[:1]
+    transient = L.LowRankSet(terms, keep=False)                   # lowvram: stacked per call, not kept
+    assert transient.stacked("cpu", torch.float32) is not transient.stacked("cpu", torch.float32)
+    assert torch.equal(transient.stacked("cpu", torch.float32).down, a.down)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
@@ -128,6 +131,16 @@ def test_apply_lowrank_in_place_in_every_activation_dtype(dtype, tol):
     assert L.lowrank_compute_dtype(x) == torch.float32
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
     assert L.apply_lowrank(y, x, ()) is y
+
+
+def test_apply_lowrank_row_panels_equal_one_gemm(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    terms = L.LowRankSet(lowrank_case(gen))
+    x, y = torch.randn(37, 128, generator=gen), torch.randn(37, 96, generator=gen)
+    whole = L.apply_lowrank(y.clone(), x, terms)
+    monkeypatch.setattr(L, "LOWRANK_DOWN_ROWS", 8)                 # 5 panels, ragged tail
+    panels = L.apply_lowrank(y.clone(), x, terms)
+    assert ((panels - whole).norm() / whole.norm()).item() < 1e-6   # float32 summation order only
 
 
 def test_int8_linear_module_close_to_float():
