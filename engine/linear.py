@@ -160,7 +160,9 @@ LOWRANK_DOWN_ROWS = 256
 def lowrank_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of the small LoRA GEMMs: x's on accelerators; float32 on CPU, where sgemm is ~10x faster
     than bf16/fp16 matmul on CPUs without native bf16 (AVX2) and the output is float32 anyway."""
-    return torch.float32 if x.device.type == "cpu" or not x.is_floating_point() else x.dtype
+    if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)):
+        return torch.float32
+    return x.dtype
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,7 @@ def test_apply_lowrank_in_place_in_every_activation_dtype(dtype, tol):
     assert L.lowrank_compute_dtype(x) == torch.float32
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
     assert L.apply_lowrank(y, x, ()) is y
+    assert L.lowrank_compute_dtype(x.double()) == torch.float64
 
 
 def test_apply_lowrank_row_panels_equal_one_gemm(monkeypatch):
