@@ -11,8 +11,10 @@ change or move (it keys on storage pointer, version counter and device, not on o
 because `Module.to()` swaps `.data` under the same Parameter).
 
 LoRA stays exact without touching the codes: a low-rank term `s · (x·Aᵀ)·Bᵀ` is added to the
-INT8 output (`LowRankTerm`); anything that is not a plain low-rank update is applied to the
-dequantized weight instead (see nodes/ops.py).
+INT8 output (`LowRankTerm`). A layer's terms are stacked once into one down (Σr, in) and one up
+per row group (`LowRankSet`), so any number of LoRAs costs one small GEMM pair, added in place into
+the INT8 output. Anything that is not a plain low-rank update is applied to the dequantized weight
+instead (see nodes/ops.py).
 """
 from __future__ import annotations
 
