@@ -23,6 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from comfyui_int8_convrot.engine import linear as engine_linear
 from comfyui_int8_convrot.engine.linear import LowRankTerm, PrepackCache, apply_lowrank, int8_forward
 from comfyui_int8_convrot.engine.synthetic import linear_weight
 from comfyui_int8_convrot.kernels import quantize_weight, resolve_mode, select_gemm_backend
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             terms = lora_terms(w, rows, rank, gen)
             dense = w.double() + sum(t.delta(n, torch.float64) for t in terms)
             ref_lora = F.linear(xr, dense)
-            terms_dev = tuple(t.to(dev, t.down.dtype) for t in terms)
+            # As nodes/ops.py attaches them: one LowRankSet per patch set (older engines: a tuple).
+            terms_dev = getattr(engine_linear, "LowRankSet", tuple)(t.to(dev, t.down.dtype) for t in terms)
 
             def call(lr):
                 y = int8_forward(x, codes, scale, None, 64, args.mode, cache, lr)
