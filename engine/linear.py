@@ -11,8 +11,10 @@ change or move (it keys on storage pointer, version counter and device, not on o
 because `Module.to()` swaps `.data` under the same Parameter).
 
 LoRA stays exact without touching the codes: a low-rank term `s · (x·Aᵀ)·Bᵀ` is added to the
-INT8 output (`LowRankTerm`); anything that is not a plain low-rank update is applied to the
-dequantized weight instead (see nodes/ops.py).
+INT8 output (`LowRankTerm`). A layer's terms are stacked once into one down (Σr, in) and one up
+per row group (`LowRankSet`), so any number of LoRAs costs one small GEMM pair, added in place into
+the INT8 output. Anything that is not a plain low-rank update is applied to the dequantized weight
+instead (see nodes/ops.py).
 """
 from __future__ import annotations
 
@@ -153,19 +155,104 @@ class LowRankTerm:
         return full
 
 
-def apply_lowrank(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
-    """Add every term's contribution to y (in place where possible). x and y share leading dims."""
+# Rows of x per down-projection GEMM on CPU (measured best of 128/256/512 at 4096 tokens, K = 3840).
+LOWRANK_DOWN_ROWS = 256
+
+
+def lowrank_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the small LoRA GEMMs: x's on accelerators; float32 on CPU, where sgemm is ~10x faster
+    than bf16/fp16 matmul on CPUs without native bf16 (AVX2) and the output is float32 anyway."""
+    if not x.is_floating_point() or (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)):
+        return torch.float32
+    return x.dtype
+
+
+@dataclass(frozen=True)
+class StackedLowRank:
+    """Every term of a layer in one down and few ups: z = x·downᵀ once, then y[rows] += z[:, cols]·upᵀ.
+
+    Terms on the same output rows share one up (their ranks side by side, scales folded in), so a
+    layer with plain LoRAs costs one GEMM pair however many LoRAs it has; row-offset terms (q/k/v of
+    a fused qkv) get one up per slice instead of a zero-padded block up (no wasted FLOPs)."""
+    down: torch.Tensor                                             # (Σr, in)
+    ups: tuple[tuple[tuple[int, int] | None, int, int, torch.Tensor], ...]   # (rows, col0, col1, up (len, r))
+
+
+def stack_lowrank(terms, device, dtype) -> StackedLowRank:
+    """Pure: concatenate terms grouped by output rows; scale folded into up in float32, then one
+    rounding to `dtype` (the same single rounding the per-term cast made)."""
+    groups: dict = {}
     for t in terms:
-        down = t.down if t.down.device == x.device and t.down.dtype == x.dtype else t.down.to(x.device, x.dtype)
-        up = t.up if t.up.device == x.device and t.up.dtype == x.dtype else t.up.to(x.device, x.dtype)
-        z = F.linear(F.linear(x, down), up)
-        if t.scale != 1.0:
-            z = z * t.scale
-        if t.rows is None:
-            y = y + z.to(y.dtype)
-        else:
-            start, length = t.rows
-            y[..., start:start + length] += z.to(y.dtype)
+        groups.setdefault(t.rows, []).append(t)
+    downs, ups, col = [], [], 0
+    for rows in sorted(groups, key=lambda r: (-1, 0) if r is None else r):
+        ts = groups[rows]
+        downs += [t.down.to(device=device, dtype=dtype) for t in ts]
+        up = torch.cat([t.up.to(device=device, dtype=torch.float32) * t.scale for t in ts], dim=1).to(dtype)
+        ups.append((rows, col, col + up.shape[1], up))
+        col += up.shape[1]
+    return StackedLowRank(torch.cat(downs, dim=0).contiguous(), tuple(ups))
+
+
+class LowRankSet(tuple):
+    """A layer's LowRankTerms (a tuple) that keeps their stacked form per (device, dtype): built on
+    the first call, reused while the set lives (a new patch set is a new LowRankSet).
+    `keep=False` stacks per call instead (lowvram: the terms of an offloaded layer must not stay
+    on the compute device between calls)."""
+
+    def __new__(cls, terms=(), keep: bool = True):
+        self = super().__new__(cls, terms)
+        self._stacked = {} if keep else None
+        return self
+
+    def stacked(self, device, dtype) -> StackedLowRank:
+        if self._stacked is None:
+            return stack_lowrank(self, device, dtype)
+        key = (torch.device(device), dtype)
+        s = self._stacked.get(key)
+        if s is None:
+            s = self._stacked[key] = stack_lowrank(self, device, dtype)
+        return s
+
+
+def join_lowrank(a, b):
+    """Two term sets as one, keeping a cached set when the other is empty."""
+    if not b:
+        return a
+    if not a:
+        return b
+    return LowRankSet(tuple(a) + tuple(b), keep=False)
+
+
+def apply_lowrank(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
+    """Add every term's contribution to y in place (y is the fresh output of the INT8 GEMM): one
+    down GEMM and an addmm_ per row group, accumulating into y with no full-size temporary."""
+    if not terms or not x.numel():
+        return y
+    if not isinstance(terms, LowRankSet):
+        terms = LowRankSet(terms)
+    cd = lowrank_compute_dtype(x)
+    s = terms.stacked(x.device, cd)
+    x2 = x.reshape(-1, x.shape[-1])
+    if not y.is_contiguous():
+        y = y.contiguous()
+    y2 = y.view(-1, y.shape[-1])
+    xc = x2 if x2.dtype == cd else x2.to(cd)
+    m = xc.shape[0]
+    if x.device.type == "cpu" and m > 2 * LOWRANK_DOWN_ROWS:
+        # MKL's skinny sgemm (N = Σr) is ~20% faster on row panels of x than on the whole of it.
+        z = torch.empty((m, s.down.shape[0]), dtype=cd)
+        for r0 in range(0, m, LOWRANK_DOWN_ROWS):
+            torch.mm(xc[r0:r0 + LOWRANK_DOWN_ROWS], s.down.t(), out=z[r0:r0 + LOWRANK_DOWN_ROWS])
+    else:
+        z = torch.mm(xc, s.down.t())
+    for rows, c0, c1, up in s.ups:
+        dst = y2 if rows is None else y2[:, rows[0]: rows[0] + rows[1]]
+        zc = z if c0 == 0 and c1 == z.shape[1] else z[:, c0:c1]
+        if dst.dtype == cd:
+            dst.addmm_(zc, up.t())
+        else:  # e.g. bf16 activations on CPU: the GEMMs stay float32, one rounding into y
+            dst.add_(torch.mm(zc, up.t()))
     return y
 
 

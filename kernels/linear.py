@@ -72,6 +72,8 @@ def _row_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
 def linear_w8a16(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
                  out_dtype: torch.dtype) -> torch.Tensor:
     xr = _rotated(x2, group_size).to(out_dtype)
+    if bias is not None:  # F.linear wants one dtype; the output's, as comfy-kitchen casts its bias
+        bias = bias.to(out_dtype)
     n, k = codes.shape
     scales = _row_scales(scale, n).to(out_dtype)
     step = max(1, W8A16_TILE_ELEMENTS // max(1, k))

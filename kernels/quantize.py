@@ -77,8 +77,14 @@ def quantize_weight(weight: torch.Tensor, group_size: int | None, scaling: str =
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, group_size: int | None,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W ≈ (q · scale) · H_g group-wise, in float32, then cast to `dtype` (comfy-kitchen's order)."""
-    w = codes.float() * scale.float().reshape(-1, 1) if scale.numel() > 1 else codes.float() * scale.float()
+    """W ≈ (q · scale) · H_g group-wise, in float32, then cast to `dtype` (comfy-kitchen's order).
+
+    A scale with the codes' rank (or one value) broadcasts as it is, as comfy-kitchen's `codes * scale`
+    (N-D codes, e.g. stacked experts); a flat per-row scale of 2-D codes is read as (out, 1)."""
+    scale = scale.float()
+    if codes.dim() == 2 and scale.dim() != 2 and scale.numel() == codes.shape[0]:
+        scale = scale.reshape(-1, 1)
+    w = codes.float() * scale
     if group_size:
         w = rotate_matmul(w, group_size, torch.float32)
     return w.to(dtype)

@@ -36,7 +36,7 @@ import comfy.utils
 
 from .. import kernels
 from ..engine.errors import Int8ConvRotError
-from ..engine.linear import LowRankTerm, PrepackCache, int8_forward, pop_int8_layer
+from ..engine.linear import LowRankSet, LowRankTerm, PrepackCache, int8_forward, join_lowrank, pop_int8_layer
 
 log = logging.getLogger(__name__)
 
@@ -255,10 +255,11 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
         self._bias_expected = bias
 
     def set_lowrank(self, terms, device=None) -> None:
-        """Attach LoRA terms (moved to `device`, kept in their own dtype: they are cast to the
-        activation's dtype per call, so a bf16 model does not round an fp32 LoRA twice)."""
+        """Attach LoRA terms (moved to `device`, kept in their own dtype). The first forward stacks
+        them into one down/up pair in the compute dtype (one rounding of an fp32 LoRA), cached
+        in the LowRankSet until the next patch set replaces it."""
         device = device if device is not None else self.weight.device
-        object.__setattr__(self, "_lowrank", tuple(t.to(device, t.down.dtype) for t in terms))
+        object.__setattr__(self, "_lowrank", LowRankSet(t.to(device, t.down.dtype) for t in terms))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -308,7 +309,7 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
                 terms = None
                 break
             terms.extend(t)
-        terms = None if terms is None else tuple(terms)
+        terms = None if terms is None else LowRankSet(terms, keep=False)   # offloaded: no device copies kept
         object.__setattr__(self, "_lvp_cache", (fns, lists, lens, terms))
         return terms
 
@@ -336,7 +337,7 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
                 y = F.linear(input, w.to(input.dtype), bias)
                 self._uncast(codes, bias, handle)
                 return y
-            lowrank = lowrank + extra
+            lowrank = join_lowrank(lowrank, extra)
         y = int8_forward(input, codes, scale, bias, self.group_size, self.compute_mode,
                          self._pack if codes is self.weight else None, lowrank)
         self._uncast(codes, bias, handle)

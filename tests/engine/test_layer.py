@@ -66,17 +66,82 @@ def test_prepack_cache_rebuilds_when_codes_change(monkeypatch):
     assert cache.get(p, scale) == ("packed", 4)
 
 
-def test_lowrank_terms_equal_the_dense_update():
+def lowrank_case(gen, dtype=torch.float32):
+    """Two full-output LoRAs and three row-offset ones (two on the same rows, as two to_q LoRAs on a
+    fused qkv), in `dtype` like a LoRA file."""
+    def term(rank, rows=None, scale=1.0):
+        n = 96 if rows is None else rows[1]
+        return L.LowRankTerm(torch.randn(rank, 128, generator=gen).to(dtype), torch.randn(n, rank, generator=gen).to(dtype),
+                             scale, rows)
+    return (term(4, None, 0.3), term(2, (32, 32), -1.5), term(3, None, 0.7), term(2, (0, 32), 2.0),
+            term(1, (32, 32), 0.25))
+
+
+@pytest.mark.parametrize("mode", ["w8a16", "w8a8"])
+def test_lowrank_terms_equal_the_dense_update(mode):
     gen = torch.Generator().manual_seed(1)
     w, sd = layer_sd()
     codes, scale = sd["blk.proj.weight"], sd["blk.proj.weight_scale"]
     x = torch.randn(3, 7, 128, generator=gen)
-    terms = (L.LowRankTerm(torch.randn(4, 128, generator=gen), torch.randn(96, 4, generator=gen), 0.3),
-             L.LowRankTerm(torch.randn(2, 128, generator=gen), torch.randn(32, 2, generator=gen), -1.5, (32, 32)))
-    y = L.int8_forward(x, codes, scale, None, 64, "w8a16", None, terms)
-    dense = kernels.dequantize_weight(codes, scale, 64) + sum(t.delta(96) for t in terms)
-    ref = F.linear(x, dense)
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+    terms = lowrank_case(gen)
+    y = L.int8_forward(x, codes, scale, None, 64, mode, None, terms)
+    y0 = L.int8_forward(x, codes, scale, None, 64, mode, None)
+    ref = F.linear(x.double(), sum(t.delta(96, torch.float64) for t in terms))
+    assert ((y - y0 - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_stacked_lowrank_groups_terms_by_rows():
+    terms = lowrank_case(torch.Generator().manual_seed(2))
+    s = L.stack_lowrank(terms, "cpu", torch.float32)
+    assert s.down.shape == (12, 128)
+    assert [(rows, c0, c1, tuple(up.shape)) for rows, c0, c1, up in s.ups] == [
+        (None, 0, 7, (96, 7)), ((0, 32), 7, 9, (32, 2)), ((32, 32), 9, 12, (32, 3))]
+    dense = torch.zeros(96, 128, dtype=torch.float64)
+    for rows, c0, c1, up in s.ups:
+        r = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+        dense[r] += up.double() @ s.down[c0:c1].double()
+    assert torch.allclose(dense, sum(t.delta(96, torch.float64) for t in terms), rtol=1e-6, atol=1e-5)
+
+
+def test_lowrank_set_is_a_tuple_with_a_cached_stack():
+    terms = lowrank_case(torch.Generator().manual_seed(3), torch.bfloat16)
+    lr = L.LowRankSet(terms)
+    assert lr == terms and len(lr) == 5 and lr[1].rows == (32, 32) and L.LowRankSet() == ()
+    a = lr.stacked("cpu", torch.float32)
+    assert lr.stacked(torch.device("cpu"), torch.float32) is a and a.down.dtype == torch.float32
+    assert L.join_lowrank(lr, ()) is lr and L.join_lowrank((), lr) is lr
+    assert L.join_lowrank(lr, lr[:1]) == terms + terms[:1]
+    transient = L.LowRankSet(terms, keep=False)                   # lowvram: stacked per call, not kept
+    assert transient.stacked("cpu", torch.float32) is not transient.stacked("cpu", torch.float32)
+    assert torch.equal(transient.stacked("cpu", torch.float32).down, a.down)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_apply_lowrank_in_place_in_every_activation_dtype(dtype, tol):
+    """y is updated in place (no full-size temporary); on CPU the small GEMMs run in float32
+    whatever the activation dtype, so the only extra rounding is the one into y."""
+    gen = torch.Generator().manual_seed(4)
+    terms = L.LowRankSet(lowrank_case(gen, torch.bfloat16))
+    x = torch.randn(2, 9, 128, generator=gen).to(dtype)
+    y = torch.randn(2, 9, 96, generator=gen).to(dtype)
+    ref = y.double() + F.linear(x.double(), sum(t.delta(96, torch.float64) for t in terms))
+    ptr = y.data_ptr()
+    out = L.apply_lowrank(y, x, terms)
+    assert out.data_ptr() == ptr and out.dtype == dtype
+    assert L.lowrank_compute_dtype(x) == torch.float32
+    assert ((out.double() - ref).norm() / ref.norm()).item() < tol
+    assert L.apply_lowrank(y, x, ()) is y
+    assert L.lowrank_compute_dtype(x.double()) == torch.float64
+
+
+def test_apply_lowrank_row_panels_equal_one_gemm(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    terms = L.LowRankSet(lowrank_case(gen))
+    x, y = torch.randn(37, 128, generator=gen), torch.randn(37, 96, generator=gen)
+    whole = L.apply_lowrank(y.clone(), x, terms)
+    monkeypatch.setattr(L, "LOWRANK_DOWN_ROWS", 8)                 # 5 panels, ragged tail
+    panels = L.apply_lowrank(y.clone(), x, terms)
+    assert ((panels - whole).norm() / whole.norm()).item() < 1e-6   # float32 summation order only
 
 
 def test_int8_linear_module_close_to_float():

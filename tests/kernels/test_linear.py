@@ -159,3 +159,32 @@ def test_blocked_rotate_quantize_is_blocking_invariant(rows):
     whole = quantize_rowwise(rotate_matmul(x, 64, torch.float32))
     blocked = rotate_quantize_rows(x, 64, rows)
     assert torch.equal(whole[0], blocked[0]) and torch.equal(whole[1], blocked[1])
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Max error of an output in out dtype vs float64, relative to the largest output: one rounding of the
+# output plus (w8a16) the GEMM operands rounded to that dtype.
+OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("backend", available_cpu_backends())
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16", "auto"])
+@pytest.mark.parametrize("bias_dtype", [None] + DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("tokens", [5, 40])   # auto: below / above W8A8_MIN_TOKENS
+def test_every_input_and_bias_dtype(backend, mode, bias_dtype, x_dtype, tokens):
+    """A bias in another dtype than x is cast to the output dtype (x's), as comfy-kitchen does; the
+    result matches the float64 emulation of the mode that ran."""
+    _, b, codes, scale = make_layer()
+    x = activations((tokens,), 512).to(x_dtype)
+    bias = None if bias_dtype is None else b.to(bias_dtype)
+    with use_backend(backend):
+        y = int8_linear(x, codes, scale, bias, 64, mode=mode)
+        ran = resolve_mode(mode, x, tokens)
+    assert y.dtype == x_dtype and y.shape == (tokens, 192)
+    b64 = None if bias is None else bias.double()
+    if ran == "w8a8":
+        ref = emulate_w8a8(x, codes, scale, b64, 64)
+    else:
+        ref = torch.nn.functional.linear(x.double(), dequantize_weight(codes, scale, 64, torch.float64), b64)
+    assert (y.double() - ref).abs().max() <= OUT_TOL[x_dtype] * ref.abs().max()

@@ -105,3 +105,26 @@ def test_errors_for_shape_group_and_scaling():
         quantize_weight(torch.randn(4, 128), 128)
     with pytest.raises(ValueError, match="unknown scaling"):
         quantize_weight(torch.randn(4, 64), 64, scaling="block")
+
+
+@pytest.mark.parametrize("scale_shape", [(3, 96, 1), (96, 1), (1, 1, 1), (), (3, 1, 1)])
+def test_dequantize_nd_codes_like_comfy_kitchen(scale_shape):
+    """N-D codes (e.g. stacked experts) with a broadcastable scale: comfy-kitchen's `codes * scale`;
+    with a rotation, each 2-D slice equals comfy-kitchen's ConvRot dequantization of that slice."""
+    from comfy_kitchen.backends.eager.quantization import dequantize_int8_convrot_weight, dequantize_int8_simple
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(-128, 128, (3, 96, 256), generator=gen, dtype=torch.int8)
+    scale = torch.rand(scale_shape, generator=gen) * 1e-2
+    assert torch.equal(dequantize_weight(codes, scale, None), dequantize_int8_simple(codes, scale))
+    full = scale.expand(3, 96, 1) if scale.dim() == 3 else scale.reshape(-1, 1).expand(96, 1).expand(3, 96, 1)
+    rotated = dequantize_weight(codes, scale, 64, torch.bfloat16)
+    for i in range(3):
+        ref = dequantize_int8_convrot_weight(codes[i], full[i], 64).to(torch.bfloat16)
+        assert torch.equal(rotated[i], ref), i
+
+
+def test_dequantize_flat_per_row_scale():
+    """A 1-D per-row scale of 2-D codes is read as (out, 1) (the stored (out, 1) layout, flattened)."""
+    w = bf16_weight(96, 256)
+    codes, scale = quantize_weight(w, 64)
+    assert torch.equal(dequantize_weight(codes, scale.reshape(-1), 64), dequantize_weight(codes, scale, 64))
