@@ -255,11 +255,12 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
         self._bias_expected = bias
 
     def set_lowrank(self, terms, device=None) -> None:
-        """Attach LoRA terms (moved to `device`, kept in their own dtype). The first forward stacks
-        them into one down/up pair in the compute dtype (one rounding of an fp32 LoRA), cached
-        in the LowRankSet until the next patch set replaces it."""
-        device = device if device is not None else self.weight.device
-        object.__setattr__(self, "_lowrank", LowRankSet(t.to(device, t.down.dtype) for t in terms))
+        """Attach LoRA terms, kept where the LoRA was loaded and in their own dtype. The first forward
+        stacks them into one down/up pair on the compute device in the compute dtype (one rounding of
+        an fp32 LoRA), cached in the LowRankSet until the next patch set replaces it: the device holds
+        that one copy, not the terms too. (`device`: ModelPatcher's target, unused since the stack
+        follows the activations.)"""
+        object.__setattr__(self, "_lowrank", LowRankSet(terms))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
