@@ -45,6 +45,25 @@ def timeit(fn, device: torch.device, budget_s: float = 1.0, max_reps: int = 50) 
     return best
 
 
+def best_forward(fn, device: torch.device, reps: int):
+    """(best wall time of `reps` calls of fn(), the last output), synchronizing CUDA around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best, y = float("inf"), None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        y = fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, y
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak CUDA memory allocated, or the process's peak RSS on the CPU (bytes)."""
+    import resource
+    return (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 def append_results(title: str, command: str, device: str, lines: list[str]) -> None:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     new = not RESULTS.exists()

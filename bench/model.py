@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, device_name  # noqa: E402
+from common import append_results, best_forward, device_name, peak_memory  # noqa: E402
 
 
 def child(args) -> None:
@@ -58,14 +56,8 @@ def child(args) -> None:
         sync()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        best = float("inf")
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            y = dm(x, t, ctx, args.caption_tokens)
-            sync()
-            best = min(best, time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        best, y = best_forward(lambda: dm(x, t, ctx, args.caption_tokens), dev, args.reps)
+    peak = peak_memory(dev)
     torch.save(y.float().cpu(), args.out)
     print(json.dumps({"seconds": best, "weights": patcher.model_size(), "peak": peak,
                       "dtype": str(dtype).replace("torch.", ""), "model": type(patcher.model.model_config).__name__,

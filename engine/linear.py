@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4

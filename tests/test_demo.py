@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-import comfy_env
 
 
 def test_engine_only_demo_reports_every_mode(capsys):

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import comfy_env
-from comfy_env import cosine, rel_err  # noqa: F401
+from comfy_env import rel_err
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
 TOKENS = 8
-
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,6 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mo
 TOKENS = 8
 
 
-
-
 @pytest.fixture(scope="module")
 def zfiles(comfy, tmp_path_factory):
     from comfyui_int8_convrot.engine.synthetic import ZIMAGE_TINY, iter_zimage

@@ -6,16 +6,14 @@ Conditioning cosine to the bf16 encoder ≥ 0.99 on every path (a misread embedd
 from __future__ import annotations
 
 import pytest
-import torch
 
 import comfy_env
-from comfy_env import cosine, rel_err  # noqa: F401
+from comfy_env import cosine
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow, pytest.mark.usefixtures("comfyui_inference_mode")]
 
 OPTS = {"qwen3_4b_model_config": {"num_hidden_layers": 3}}
 PROMPT = "a photo of a red fox sitting in the snow, golden hour, 35mm"
-
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,6 @@ CONFIG = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 3,
           "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
-
-
 @pytest.fixture(scope="module")
 def te(comfy, tmp_path_factory):
     """A tiny Qwen3 encoder with its embedding quantized (ctq's layout, written by our converter)."""
