@@ -151,7 +151,8 @@ async def _scenario(server, chromium, out):
         # The panel is not saved: widgets_values are exactly the node's inputs.
         saved = await page.evaluate(f"JSON.stringify({APP}.graph.serialize().nodes.map(n => [n.id, n.widgets_values]))")
         saved = dict((i, v) for i, v in json.loads(saved))
-        assert saved[1] == [INT8, "auto", "off", "64"] and saved[2] == [BF16, "auto", "auto", "64"]
+        # (name, compute, quantize_on_load, group_size, layers)
+        assert saved[1] == [INT8, "auto", "off", "64", "auto"] and saved[2] == [BF16, "auto", "auto", "64", "auto"]
         prompt = await page.evaluate(f"{APP}.graphToPrompt().then(p => JSON.stringify(p.output))")
         assert all(PANEL not in n["inputs"] for n in json.loads(prompt).values())
 
