@@ -1,0 +1,33 @@
+"""torch.compile (CPU inductor) on the engine's INT8 ConvRot Linear, without ComfyUI, so CI runs it: the
+layer, its per-call mode/backend choice and the Triton custom ops (run by the interpreter here) trace as
+one graph (fullgraph=True raises at any break) and match eager. The ComfyUI node test is
+tests/nodes/test_torch_compile.py."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # as the other kernel tests: decided when triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not importable")
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("mode,backend", [("w8a16", None), ("w8a8", "triton")])
+def test_int8_linear_compiles_as_one_graph(mode, backend):
+    import torch._dynamo
+    from comfyui_int8_convrot.engine.linear import Int8Linear
+    from comfyui_int8_convrot.kernels import use_backend
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton ops run on CPU only under TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(0)
+    layer = Int8Linear.from_float(torch.randn(96, 128, generator=gen), torch.randn(96, generator=gen), 64, mode)
+    x = torch.randn(2, 24, 128, generator=gen)
+    torch._dynamo.reset()
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend="inductor", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
