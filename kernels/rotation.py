@@ -30,7 +30,9 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
 def rotate_matmul(x: torch.Tensor, group_size: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dense block rotation. Same op order as convert-to-quant's `rotate_weight` (x_grouped @ Hᵀ)."""
     dtype = compute_dtype or x.dtype
-    xg = _grouped(x.to(dtype), group_size)
+    # Contiguous first: BLAS takes another path for a strided batch, and the result must not depend on
+    # the input's layout (a column slice of a wider tensor gives the same codes and scales bit for bit).
+    xg = _grouped(x.to(dtype).contiguous(), group_size)
     h = hadamard(group_size, x.device, dtype)
     return torch.matmul(xg, h.T).reshape(x.shape)
 

@@ -4,6 +4,12 @@ import os
 import pytest
 import torch
 
+# Triton decides at @triton.jit time whether to interpret: on a machine without CUDA every Triton test runs
+# the kernels in the interpreter, so it must be set before any test module imports the kernels (else, by
+# collection order, some would silently exercise the torch fallback instead). The GPU tier runs alone.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import comfy_env
 
 

@@ -14,6 +14,8 @@ def dense_reference(x: torch.Tensor, g: int) -> torch.Tensor:
 @pytest.mark.parametrize("g", VALID_GROUP_SIZES)
 @pytest.mark.parametrize("shape", [(7, 1024), (2, 3, 2048), (1024,)])
 def test_paths_equal_dense_definition(g, shape):
+    if shape[-1] % g:   # a group wider than the row (4096): the smallest row it divides
+        shape = shape[:-1] + (g,)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(g))
     ref = dense_reference(x, g)
     for fn in (rotate_fwht, rotate_matmul, rotate):
