@@ -118,6 +118,8 @@ class ComfyProgress:
         if step != self.last:
             self.last = step
             self.bar.update_absolute(step)
+            # A Cancel pressed during this update (the last one included) still stops the conversion.
+            comfy.model_management.throw_exception_if_processing_interrupted()
 
 
 def _group_options():
