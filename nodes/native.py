@@ -37,7 +37,8 @@ def dynamic_vram_active(device=None) -> bool:
 
 def memory_mode(patcher) -> str:
     """How ComfyUI manages this model's weights, for the log."""
-    dynamic = getattr(__import__("comfy.model_patcher", fromlist=["x"]), "ModelPatcherDynamic", None)
+    import comfy.model_patcher as mp
+    dynamic = getattr(mp, "ModelPatcherDynamic", None)
     if dynamic is not None and isinstance(patcher, dynamic):
         return "dynamic VRAM (ModelPatcherDynamic: weights streamed and cast per op)"
     return f"classic {type(patcher).__name__} (whole-model load, lowvram offload when short of memory)"
