@@ -4,14 +4,16 @@ comfy-kitchen backend vs the pack's own loader, with and without a LoRA, side by
 Usage: COMFYUI_PATH=.../ComfyUI-0.29.0 python bench/native.py [--device cpu|cuda] [--dim 1024] [--layers 0]
        [--image 256] [--caption-tokens 32] [--lora-rank 64] [--reps 1] [--no-write]
 Rows (each in its own process, so the stock rows never import the pack):
+- bf16:          comfy.sd.load_diffusion_model on the bf16 file the INT8 file was converted from (reference)
 - native:        comfy.sd.load_diffusion_model on the INT8 file, INT8_CONVROT_CK_BACKEND=0 (stock ComfyUI)
 - native + pack: the same stock loader after the pack's nodes were imported (its comfy-kitchen backend)
 - our loader:    nodes/loaders.py load_unet (the pack's own ops)
 With --lora-rank > 0 each row is run again with a LoRA of that rank on every refiner Linear (applied
 the way LoraLoaderModelOnly does: comfy.sd.load_lora_for_models).
 Printed and appended to bench/RESULTS.md: first forward (includes LoRA patching / weight packing),
-best forward after it, the speed-up vs native, and each output's relative error vs the native row with
-the same LoRA (comfy-kitchen's tolerance for two int8 paths is 0.05).
+best forward after it, the speed-up vs native, and each output's relative error vs the bf16 row with
+the same LoRA (the quality figure) and vs the native row (comfy-kitchen's tolerance for two int8 paths
+is 0.05).
 
 The model is ComfyUI's own NextDiT with Z-Image's key layout. ComfyUI recognises Z-Image only at dim
 3840; a smaller --dim gets the Z-Image config completed by a detection hook in the child (heads of
@@ -35,9 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, best_forward, device_name, peak_memory  # noqa: E402
 
-VARIANTS = ("native", "native+pack", "loader")
-LABELS = {"native": "native (stock UNETLoader, comfy-kitchen)", "native+pack": "native + pack backend",
-          "loader": "our loader (Int8ConvRot UNET Loader)"}
+VARIANTS = ("bf16", "native", "native+pack", "loader")
+LABELS = {"bf16": "bf16 file (stock UNETLoader)", "native": "native (stock UNETLoader, comfy-kitchen)",
+          "native+pack": "native + pack backend", "loader": "our loader (Int8ConvRot UNET Loader)"}
 
 
 def shape_for(dim: int, layers: int):
@@ -78,8 +80,8 @@ def child(args) -> None:
         install_detection(args.dim, shape.ffn)
     served = "comfy-kitchen (stock)"
     with torch.inference_mode():      # as ComfyUI runs nodes
-        if args.variant == "native":
-            patcher = comfy.sd.load_diffusion_model(args.int8)
+        if args.variant in ("native", "bf16"):
+            patcher = comfy.sd.load_diffusion_model(args.int8 if args.variant == "native" else args.bf16)
         elif args.variant == "native+pack":
             from comfyui_int8_convrot.nodes import ck_registration
             st = ck_registration.state()
@@ -143,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--child", dest="variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--int8", help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", help=argparse.SUPPRESS)
     ap.add_argument("--lora", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -170,14 +173,14 @@ def main(argv=None) -> int:
         src, dst, lora = Path(tmp) / "bf16.safetensors", Path(tmp) / "int8.safetensors", Path(tmp) / "lora.safetensors"
         save_file(dict(iter_zimage(shape)), str(src))
         convert_file(src, dst, preset="zimage", group_size=args.group_size, overwrite=True)
-        src.unlink()
         if args.lora_rank:
             make_lora(shape, args.lora_rank, lora)
         refs = {}
         for with_lora in ([False, True] if args.lora_rank else [False]):
             for variant in args.variants:
                 out = Path(tmp) / f"{variant}-{with_lora}.pt"
-                cmd = [sys.executable, __file__, "--child", variant, "--int8", str(dst), "--out", str(out),
+                cmd = [sys.executable, __file__, "--child", variant, "--int8", str(dst), "--bf16", str(src),
+                       "--out", str(out),
                        "--device", args.device, "--dim", str(args.dim), "--layers", str(args.layers),
                        "--image", str(args.image), "--caption-tokens", str(args.caption_tokens),
                        "--reps", str(args.reps)] + (["--lora", str(lora)] if with_lora else [])
@@ -192,12 +195,15 @@ def main(argv=None) -> int:
                     raise SystemExit(f"variant {variant} (LoRA {with_lora}) failed")
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 y = torch.load(out)
-                ref = refs.setdefault(with_lora, y)
-                res["rel"] = ((ref.double() - y.double()).norm() / ref.double().norm()).item()
+                refs[(variant, with_lora)] = y
+                for name, ref_variant in (("rel", "native"), ("rel_bf16", "bf16")):
+                    ref = refs.get((ref_variant, with_lora))
+                    res[name] = (float("nan") if ref is None else
+                                 ((ref.double() - y.double()).norm() / ref.double().norm()).item())
                 res.update(variant=variant, lora=with_lora)
                 rows.append(res)
                 print(f"{variant} LoRA={with_lora}: first {res['first']:.2f} s, forward {res['seconds']:.2f} s, "
-                      f"rel {res['rel']:.4f}", flush=True)
+                      f"rel. error vs bf16 {res['rel_bf16']:.4f}, vs native {res['rel']:.4f}", flush=True)
 
     base = {r["lora"]: r for r in rows if r["variant"] == "native"}
     lines = [f"- model: Z-Image layout, dim {shape.dim}, FFN {shape.ffn}, {args.layers} main + 4 refiner blocks, "
@@ -209,13 +215,14 @@ def main(argv=None) -> int:
              f"- native + pack served by: {next((r['served'] for r in rows if r['variant'] == 'native+pack'), '-')}",
              "",
              "| variant | LoRA | first forward s | forward s | vs native | peak "
-             f"{'GPU' if gpu else 'RSS'} GiB | rel. error vs native |",
-             "|---|---|---|---|---|---|---|"]
+             f"{'GPU' if gpu else 'RSS'} GiB | rel. error vs bf16 | rel. error vs native |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = base.get(r["lora"])
         ratio = f"{b['seconds'] / r['seconds']:.2f}x" if b else "-"
         lines.append(f"| {LABELS[r['variant']]} | {'rank ' + str(args.lora_rank) if r['lora'] else 'none'} | "
-                     f"{r['first']:.2f} | {r['seconds']:.2f} | {ratio} | {r['peak'] / 2**30:.2f} | {r['rel']:.4f} |")
+                     f"{r['first']:.2f} | {r['seconds']:.2f} | {ratio} | {r['peak'] / 2**30:.2f} | "
+                     f"{r['rel_bf16']:.4f} | {r['rel']:.4f} |")
     print("\n".join(lines))
     if not args.no_write:
         cmd = "COMFYUI_PATH=... python bench/native.py " + shlex.join(argv if argv is not None else sys.argv[1:])

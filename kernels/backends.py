@@ -47,6 +47,17 @@ def triton_status() -> tuple[bool, str]:
     return True, "triton on CUDA"
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """AMX tiles (Sapphire Rapids and later: int8 and bf16): oneDNN then runs int8 and bf16 GEMMs
+    several times faster than fp32 sgemm, which changes the best CPU kernel for both."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe and probe())
+    except Exception:
+        return False
+
+
 def int8_tensor_cores(device: torch.device) -> bool:
     """int8 MMA (and torch._int_mm) needs sm_75+; Ampere (sm_80) is what RTX 30xx users have."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 5)

@@ -63,6 +63,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .backends import cpu_has_amx
+
 __all__ = ["PackedInt8Weight", "pack_int8_weight", "int8_gemm_rowscaled", "backend", "backend_report",
            "fast_backend_available"]
 
@@ -154,15 +156,11 @@ def _onednn_run(qx: torch.Tensor, packed) -> torch.Tensor:
 
 _FAST = ("fbgemm", "onednn")
 
-def _amx_int8() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
-
 
 def _tier_order() -> tuple[str, ...]:
     """oneDNN first where AMX makes it the fastest exact kernel; else fbgemm (prepacked, fast at
     every M; oneDNN without AMX re-packs W per call: ~30x slower at M=1)."""
-    return ("onednn", "fbgemm") if _amx_int8() else _FAST
+    return ("onednn", "fbgemm") if cpu_has_amx() else _FAST
 
 
 def _probe_one(kind: str):
@@ -249,7 +247,7 @@ def backend_report() -> dict:
         "oneDNN first without AMX": "re-packs the weight every call: ~30x slower than fbgemm at M=1",
         "aten::_weight_int8pack_mm": "~2 GOP/s for M > 1 on this build",
     }
-    rep["amx"] = _amx_int8()
+    rep["amx"] = cpu_has_amx()
     rep["selected"] = backend()
     return rep
 

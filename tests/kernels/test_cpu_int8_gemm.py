@@ -92,6 +92,14 @@ def test_backend_reports_choice():
     assert set(rep) >= {"fbgemm", "onednn", "fp32_fallback", "rejected", "selected"}
 
 
+def test_tier_order_follows_amx(monkeypatch):
+    """With AMX oneDNN runs int8 tiles (2x bf16, 3x fbgemm's VNNI there); without, fbgemm leads."""
+    monkeypatch.setattr(g, "cpu_has_amx", lambda: True)
+    assert g._tier_order() == ("onednn", "fbgemm")
+    monkeypatch.setattr(g, "cpu_has_amx", lambda: False)
+    assert g._tier_order() == ("fbgemm", "onednn")
+
+
 @pytest.mark.parametrize("codes_case", ["random", "extremes"])
 def test_pair_safe_split(codes_case):
     gen = torch.Generator().manual_seed(3)
