@@ -17,6 +17,7 @@ import torch
 from .engine.model_demo import convert, cosine, peak_rss_gb, write_source
 from .engine.quality import relative_error
 from .engine.synthetic import ZImageShape
+from .kernels.backends import cpu_has_amx
 
 # Up to this many tokens the demo also times comfy-kitchen's own CPU path (without the pack's kernels).
 CPU_STOCK_TOKENS = 64
@@ -93,8 +94,9 @@ def run_comfyui_demo(path, tmp, *, n_layers: int = 0, image_size: int = 256, cap
         for label, pack in (("INT8 file, stock loader", False), ("stock loader + pack kernels", True)):
             if pack and not registered:
                 continue
-            if not pack and registered and mm.get_torch_device().type == "cpu" and tokens > CPU_STOCK_TOKENS:
-                # comfy-kitchen's CPU int8 GEMM (torch._int_mm) runs at ~1 GOP/s here: minutes per forward.
+            if (not pack and registered and mm.get_torch_device().type == "cpu" and tokens > CPU_STOCK_TOKENS
+                    and not cpu_has_amx()):
+                # comfy-kitchen's CPU int8 GEMM (torch._int_mm) runs at ~1 GOP/s without AMX: minutes per forward.
                 out(f"(stock comfy-kitchen CPU row skipped at {tokens} tokens: its torch._int_mm GEMM takes minutes "
                     f"per forward on a CPU; --image-size 64 includes it)")
                 continue

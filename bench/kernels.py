@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from comfyui_int8_convrot.kernels import int8_linear, prepack, quantize_weight
 from comfyui_int8_convrot.kernels.linear import rotate_quantize_rows
-from comfyui_int8_convrot.kernels.backends import select_gemm_backend
+from comfyui_int8_convrot.kernels.backends import cpu_has_amx, select_gemm_backend
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from common import append_results, device_name, timeit  # noqa: E402
@@ -69,14 +69,15 @@ def main(argv=None) -> int:
                 "rq": timeit(lambda: rotate_quantize_rows(x, g), dev, args.budget)
                 if dev.type != "cuda" else timeit(lambda: _triton_rq(x, g), dev, args.budget),
             }
-            # comfy-kitchen's CPU path is torch._int_mm (a scalar loop here, ~90 s per call at M=1024):
-            # measured only at the smallest M on CPU, "nan" elsewhere.
-            ck_runs = ck is not None and (dev.type == "cuda" or m == min(tokens))
+            # comfy-kitchen's CPU path is torch._int_mm: a scalar loop without AMX (~90 s per call at
+            # M=1024), so there it is measured only at the smallest M ("nan" elsewhere); fast with AMX.
+            fast_int_mm = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_amx())
+            ck_runs = ck is not None and (fast_int_mm or m == min(tokens))
             t["ck"] = (timeit(lambda: ck(x, codes, scale, None, act_dtype, True, g), dev, args.budget)
                        if ck_runs else float("nan"))
-            # the same w8a8 with torch._int_mm as the GEMM (CUDA only: on CPU it is a scalar loop)
+            # the same w8a8 with torch._int_mm as the GEMM (where it is not a scalar loop)
             t["int_mm"] = (timeit(lambda: _int_mm_w8a8(x, codes, scale, g), dev, args.budget)
-                           if dev.type == "cuda" else float("nan"))
+                           if fast_int_mm else float("nan"))
             ms = {key: v * 1e3 for key, v in t.items()}
             row = (f"| {m} | {k}→{n} | {ms['fp32']:.1f} | {ms['bf16']:.1f} | {ms['ck']:.1f} | {ms['w8a16']:.1f} | "
                    f"{ms['w8a8']:.1f} | {ms['rq']:.1f} | {ms['int_mm']:.1f} | {t['fp32'] / t['w8a8']:.2f}× | "

@@ -8,7 +8,7 @@ Rows (each in its own process, so the stock rows never import the pack):
 - native:        comfy.sd.load_diffusion_model on the INT8 file, INT8_CONVROT_CK_BACKEND=0 (stock ComfyUI)
 - native + pack: the same stock loader after the pack's nodes were imported (its comfy-kitchen backend)
 - our loader:    nodes/loaders.py load_unet (the pack's own ops)
-With --lora-rank > 0 each row is run again with a LoRA of that rank on every refiner Linear (applied
+With --lora-rank > 0 each row is run again with a LoRA of that rank on every block Linear (applied
 the way LoraLoaderModelOnly does: comfy.sd.load_lora_for_models).
 Printed and appended to bench/RESULTS.md: first forward (includes LoRA patching / weight packing),
 best forward after it, the speed-up vs native, and each output's relative error vs the bf16 row with
@@ -116,12 +116,15 @@ def child(args) -> None:
 
 
 def make_lora(shape, rank: int, path: Path) -> None:
-    """rank-`rank` LoRA on every refiner Linear (ComfyUI key style), small enough to keep outputs sane."""
+    """rank-`rank` LoRA on every block Linear, main and refiner (ComfyUI key style), small enough to
+    keep outputs sane."""
     from safetensors.torch import save_file
     gen = torch.Generator().manual_seed(11)
     d, f = shape.dim, shape.ffn
     sd = {}
-    for blk in [f"{r}.{i}" for r in ("noise_refiner", "context_refiner") for i in range(shape.n_refiner)]:
+    blocks = [f"layers.{i}" for i in range(shape.n_layers)]
+    blocks += [f"{r}.{i}" for r in ("noise_refiner", "context_refiner") for i in range(shape.n_refiner)]
+    for blk in blocks:
         for name, out_f, in_f in (("attention.qkv", 3 * d, d), ("attention.out", d, d),
                                   ("feed_forward.w1", f, d), ("feed_forward.w3", f, d), ("feed_forward.w2", d, f)):
             p = f"diffusion_model.{blk}.{name}"
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
     base = {r["lora"]: r for r in rows if r["variant"] == "native"}
     lines = [f"- model: Z-Image layout, dim {shape.dim}, FFN {shape.ffn}, {args.layers} main + 4 refiner blocks, "
              f"{tokens} image + {args.caption_tokens} caption tokens, group size {args.group_size}; "
-             f"detected by ComfyUI as {rows[0]['model']}; LoRA: rank {args.lora_rank} on the 20 refiner Linears",
+             f"detected by ComfyUI as {rows[0]['model']}; LoRA: rank {args.lora_rank} on all "
+             f"{5 * (args.layers + 4)} block Linears",
              f"- ComfyUI {Path(os.environ['COMFYUI_PATH']).name}, comfy-kitchen {_ck_version()}; "
              f"best of {args.reps} after a first forward; load average at start {load_at_start:.2f} "
              "(a shared machine: other jobs may run)",

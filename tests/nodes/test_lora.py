@@ -13,16 +13,13 @@ import pytest
 import torch
 
 import comfy_env
+from comfy_env import rel_err
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfyui_inference_mode")]
 
 
 TOKENS = 8
 LORA = "tiny_zimage_lora.safetensors"
-
-
-def rel_err(ref, y):
-    return ((ref.double() - y.double()).norm() / ref.double().norm()).item()
 
 
 def make_lora(seed=3, rank=4) -> dict:
