@@ -229,7 +229,23 @@ def test_fp32_fallback(monkeypatch, m, with_bias):
     check(g.int8_gemm_rowscaled(qx, sx, packed, bias), qx, sx, qw, sw, packed, bias)
 
 
-@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_fbgemm_tier(monkeypatch, m):
+    """fbgemm (first without AMX) checked wherever it runs, also on AMX machines where oneDNN leads."""
+    real = g._probe()
+    if not real["fbgemm"][0]:
+        pytest.skip(f"fbgemm tier unusable here: {real['fbgemm'][2]}")
+    monkeypatch.setattr(g, "_probe", lambda: {"fbgemm": real["fbgemm"], "onednn": (False, False, "forced off")})
+    assert g.backend().startswith("fbgemm")
+    k, n = 3840, 77
+    qx, sx, qw, sw = realistic(m, k, n, seed=41 + m)
+    bias = torch.randn(n)
+    packed = g.pack_int8_weight(qw, sw)
+    assert packed.backend == "fbgemm"
+    check(g.int8_gemm_rowscaled(qx, sx, packed, bias), qx, sx, qw, sw, packed, bias)
+
+
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
 def test_onednn_tier(monkeypatch, m):
     """Second tier (used when fbgemm is missing): same split, oneDNN kernel."""
     real = g._probe()
