@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from machine import cpu_model
 
 # INT8_CONVROT_RESULTS redirects the appends (bench/gpu_check.sh --dry writes to a scratch file).
 RESULTS = Path(os.environ.get("INT8_CONVROT_RESULTS") or Path(__file__).with_name("RESULTS.md"))
@@ -16,16 +17,8 @@ RESULTS = Path(os.environ.get("INT8_CONVROT_RESULTS") or Path(__file__).with_nam
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {torch.get_num_threads()} threads, {mem:.0f} GiB, torch {torch.__version__}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, {mem:.0f} GiB, torch {torch.__version__}"
 
 
 def timeit(fn, device: torch.device, budget_s: float = 1.0, max_reps: int = 50) -> float:

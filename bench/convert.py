@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # No torch here: the measuring process must stay small (see in_child); bench/common imports it at the end.
+from machine import cpu_model  # noqa: E402
 
-MACHINE = "2-core AMD EPYC (Zen3, AVX2), 24 GB"
 CTQ_FLAGS = ["--int8", "--scaling_mode", "row", "--simple", "--low-memory", "--convrot", "--convrot-group-size", "64",
              "--zimage", "--comfy_quant", "--save-quant-metadata", "--device", "cpu"]
 
@@ -146,7 +146,8 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="int8convrot-bench-", dir=str(ROOT / ".cache")))
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # run the clean-up below on kill, too
-    lines = [f"- machine: {MACHINE}; load average at start {os.getloadavg()[0]:.2f} "
+    lines = [f"- machine: {os.cpu_count()}-core {cpu_model()}, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; load average at start {os.getloadavg()[0]:.2f} "
              "(the machine is shared: other jobs may run)"]
     try:
         src = work / "zimage_bench_bf16.safetensors"
