@@ -72,12 +72,14 @@ class Result:
 
 # ---- what the wrappers can launch -------------------------------------------------------------------
 
-def _gemm_configs(target: int):
+def _gemm_configs(target: int, lora_rank: int = 0):
     try:
         from comfyui_int8_convrot.kernels.triton import gemm_configs
     except ImportError:  # before the per-architecture tables existed: one list for every GPU
         from comfyui_int8_convrot.kernels.triton import int8_gemm as G
         return G.LARGE_CONFIGS, G.SMALL_CONFIGS
+    if lora_rank:
+        return gemm_configs.configs_for((target // 10, target % 10), SMEM_LIMIT[target], lora_rank)
     return gemm_configs.configs_for((target // 10, target % 10), SMEM_LIMIT[target])
 
 
@@ -113,9 +115,22 @@ def variants(targets=TARGETS) -> list[Variant]:
                             continue
                         name = f"{which} {label}" + ("" if even_k else " K-tail") + \
                             ("" if (bias, out_dt) == (True, "fp32") else f" bias={int(bias)} {out_dt}")
-                        ce = dict(kw, HAS_BIAS=bias, EVEN_K=even_k)
+                        ce = dict(kw, HAS_BIAS=bias, EVEN_K=even_k, **_no_lora("gemm"))
                         out.append(Variant("gemm", name, t, tuple(sorted(ce.items())),
                                            (("bias_ptr", out_dt), ("y_ptr", out_dt)), c.num_warps, c.num_stages))
+        # The fused LoRA epilogue (z·upᵀ, rank padded to 16..128) on every config the runtime keeps for it.
+        for rank in ((64, 128) if _has_lora() else ()):
+            lora_large, lora_small = _gemm_configs(t, rank)
+            for which, cfgs in (("large", lora_large), ("small", lora_small)):
+                for c in cfgs:
+                    kw = c.kwargs
+                    label = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages}"
+                    for up_dt in ("bf16", "fp16"):
+                        ce = dict(kw, HAS_BIAS=True, EVEN_K=True, R=rank)
+                        out.append(Variant("gemm", f"{which} {label} LoRA r{rank} {up_dt}", t,
+                                           tuple(sorted(ce.items())),
+                                           (("bias_ptr", up_dt), ("u_ptr", up_dt), ("y_ptr", up_dt)),
+                                           c.num_warps, c.num_stages))
         for dot in ("fp32", "bf16", "fp16"):
             for g in (0, 64, 256, 1024):  # g = 4 and 16 launch the g = 64 program with another tile
                 seen = set()
@@ -126,11 +141,28 @@ def variants(targets=TARGETS) -> list[Variant]:
                     if (bm, warps, stages) in seen:
                         continue
                     seen.add((bm, warps, stages))
-                    ce = dict(ROTATE=bool(g), NSUB=max(1, g // 64), BLOCK_M=bm, INTERPRET=False)
+                    ce = dict(ROTATE=bool(g), NSUB=max(1, g // 64), BLOCK_M=bm, INTERPRET=False,
+                              **_no_lora("rotate_quant"))
                     ptrs = (("h_ptr", dot if g else "fp32"), ("x_ptr", dot))
                     out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages}", t,
                                        tuple(sorted(ce.items())), ptrs, warps, stages))
+                    if g == 64 and dot != "fp32" and _has_lora():   # the fused LoRA down-projection
+                        for rank in (16, 128):
+                            ce = dict(ce, R=rank)
+                            out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages} "
+                                               f"LoRA r{rank}", t, tuple(sorted(ce.items())),
+                                               ptrs + (("d_ptr", dot),), warps, stages))
     return out
+
+
+def _has_lora() -> bool:
+    """Kernels with the fused LoRA (constexpr R) — older trees, compared by this script, have none."""
+    from comfyui_int8_convrot.kernels.triton import rotate_quant as R
+    return hasattr(R, "DOWN_RANKS")
+
+
+def _no_lora(kernel: str) -> dict:
+    return {"R": 0} if _has_lora() else {}
 
 
 # ---- compiling one variant (in a worker process) ----------------------------------------------------
@@ -160,10 +192,14 @@ def compile_variant(v: Variant) -> Result:
     else:
         from comfyui_int8_convrot.kernels.triton.rotate_quant import _rotate_quant_kernel as fn
         sig, aligned = dict(_ROT_SIG), _ROT_ALIGNED
+    if "R" in dict(v.constexprs):   # kernels with the fused LoRA take two more pointers
+        sig.update(dict(z_ptr="*fp32", u_ptr="*fp32") if v.kernel == "gemm" else dict(d_ptr="*fp32", z_ptr="*fp32"))
+        aligned = aligned + (("z_ptr", "u_ptr") if v.kernel == "gemm" else ("d_ptr", "z_ptr"))
     for ptr, dt in v.dtypes:
         sig[ptr] = "*" + dt
     ce = dict(v.constexprs)
     sig.update({k: "constexpr" for k in ce})
+    sig = {name: sig[name] for name in fn.arg_names if name in sig}   # the kernel's own argument order
     attrs = {(fn.arg_names.index(a),): _D16 for a in aligned}
     opts = dict(num_warps=v.num_warps, num_stages=v.num_stages)
     fusion = getattr(sys.modules[fn.__module__], "FP_FUSION", None)

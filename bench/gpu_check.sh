@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device run, ≤ 8 minutes on any CUDA GPU: the GPU test tier (Triton kernels vs the reference
 # at Z-Image shapes, every mode, dtype and group size; autotune), bench/kernels.py (ours w8a8/w8a16 vs bf16
-# F.linear, comfy-kitchen's int8_linear at g = 64 and 256, torch._int_mm), bench/model.py (with peak VRAM),
+# F.linear, comfy-kitchen's int8_linear at g = 64 and 256, torch._int_mm), bench/lora.py (LoRA fused into the
+# Triton kernels vs added after), bench/model.py (with peak VRAM),
 # all appended with the GPU's name to bench/RESULTS.md.
 #   bash bench/gpu_check.sh          needs CUDA; refuses clearly without it
 #   bash bench/gpu_check.sh --dry    the same steps on CPU under the Triton interpreter with tiny shapes,
@@ -23,6 +24,7 @@ if [ "$dry" = 0 ]; then
   unset TRITON_INTERPRET INT8_CONVROT_GPU_DRY
   gpu="$("$py" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB')")"
   kernel_args=(--device cuda --budget 0.3)
+  lora_args=(--device cuda --reps 3)
   model_args=(--device cuda --reps 3)
 else
   export TRITON_INTERPRET=1 INT8_CONVROT_GPU_DRY=1
@@ -31,6 +33,7 @@ else
   export INT8_CONVROT_RESULTS="${INT8_CONVROT_RESULTS:-$scratch/RESULTS.md}"
   gpu="dry run on CPU (Triton interpreter)"
   kernel_args=(--device cpu --tiny --tokens 16 --budget 0.01)
+  lora_args=(--device cpu --tokens 16 --ranks 16 --reps 1 --shapes 3840x3840)
   model_args=(--device cpu --layers 1 --image 64 --caption-tokens 8 --reps 1 --modes w8a8)
 fi
 export INT8_CONVROT_TRITON_FALLBACK=0  # a kernel that fails must fail here, not pass on the torch fallback
@@ -52,6 +55,7 @@ step() {  # step NAME CMD...: run, keep the output's tail for RESULTS.md, rememb
 step "GPU test tier" "$py" -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_kernels.py -rA
 step "kernels g=64" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 64
 step "kernels g=256" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 256
+step "LoRA fused vs added after" "$py" bench/lora.py "${lora_args[@]}"
 if [ -n "${COMFYUI_PATH:-}" ]; then
   step "model (peak VRAM)" "$py" bench/model.py "${model_args[@]}"
 else

@@ -111,10 +111,15 @@ def _gemm_rescale_torch(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, b
 
 
 def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
-                out_dtype: torch.dtype, packed=None) -> torch.Tensor:
+                out_dtype: torch.dtype, packed=None, lora=None) -> torch.Tensor:
     n = codes.shape[0]
     sw = _row_scales(scale, n)
     backend = backends.select_gemm_backend(x2.device)
+    if lora is not None:
+        if backend != "triton":
+            raise ValueError("a fused LoRA needs the Triton backend (check fuses_lora first)")
+        from .triton import linear_lora
+        return linear_lora(x2.contiguous(), codes, sw, bias, group_size, out_dtype, *lora)
     if backend == "triton":
         from .triton import int8_gemm_rescale, rotate_quantize
         qx, sx = rotate_quantize(x2, group_size)
@@ -131,12 +136,32 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     return _gemm_rescale_torch(acc, sx, sw, bias, out_dtype)
 
 
+def fuses_lora(x: torch.Tensor, group_size: int | None, rank: int, mode: str = "auto") -> bool:
+    """Whether `int8_linear(..., lora=(down_t, up))` can fuse a LoRA of this (padded) rank for x: W8A8 on
+    the Triton backend at group size ≤ 64 (kernels/triton: down-projection in the rotate+quant pass,
+    up-projection in the GEMM epilogue). Elsewhere the caller adds the update to the output."""
+    tokens = x.numel() // max(1, x.shape[-1])
+    if tokens == 0 or resolve_mode(mode, x, tokens) != "w8a8" or backends.select_gemm_backend(x.device) != "triton":
+        return False
+    from .triton.rotate_quant import fuses_down
+    return fuses_down(x.reshape(-1, x.shape[-1]), group_size, rank)
+
+
+def lora_operand_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the fused LoRA operands for x: the Triton rotation's dot dtype (x's on sm80+; float32
+    for fp32 x, and under the interpreter, which multiplies bf16 as raw bits)."""
+    from .triton.rotate_quant import down_dtype
+    return down_dtype(x.reshape(-1, x.shape[-1]))
+
+
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 group_size: int | None = 64, mode: str = "auto", *, packed=None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, lora=None) -> torch.Tensor:
     """ConvRot-INT8 linear layer. `group_size` None/0 means the codes are not rotated.
 
     `packed` is an optional backend-specific prepacked weight (see `prepack`), reused across calls.
+    `lora` = (down_t (K, R), up (N, R)) adds x·down_t·upᵀ inside the W8A8 Triton pass (only where
+    `fuses_lora(x, group_size, R, mode)`).
     """
     _check(x, codes, scale, group_size)
     out_dtype = out_dtype or (x.dtype if x.is_floating_point() else torch.float32)
@@ -144,12 +169,14 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     if bias is not None:
         bias = bias.to(device=x.device)
     chosen = resolve_mode(mode, x, x2.shape[0])
+    if lora is not None and not fuses_lora(x, group_size, lora[0].shape[1], mode):
+        raise ValueError("this call cannot fuse a LoRA (check fuses_lora first)")
     if x2.shape[0] == 0:
         y = x2.new_zeros((0, codes.shape[0]), dtype=out_dtype)
     elif chosen == "w8a16":
         y = linear_w8a16(x2, codes, scale, bias, group_size, out_dtype)
     else:
-        y = linear_w8a8(x2, codes, scale, bias, group_size, out_dtype, packed)
+        y = linear_w8a8(x2, codes, scale, bias, group_size, out_dtype, packed, lora)
     return y.reshape(*x.shape[:-1], codes.shape[0])
 
 

@@ -72,6 +72,40 @@ def _int8_gemm_rescale_fake(qx, sx, codes, sw, bias, out_dtype):
     return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
+def _rotate_quantize_down_impl(x: torch.Tensor, group_size: int,
+                               down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def torch_path():
+        from ..linear import rotate_quantize_rows
+        q, s = rotate_quantize_rows(x, group_size)
+        return q, s, x.to(down_t.dtype).float() @ down_t.float()   # the kernel's operands, fp32 sums
+
+    return fallback.run("rotate_quantize_down", x.device, (x.dtype, x.shape[-1], group_size, down_t.shape[1]),
+                        lambda: _kernels()[0].rotate_quantize_triton(x, group_size, down_t), torch_path)
+
+
+def _rotate_quantize_down_fake(x, group_size, down_t):
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32),
+            x.new_empty((x.shape[0], down_t.shape[1]), dtype=torch.float32))
+
+
+def _int8_gemm_rescale_lora_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
+                                 bias: torch.Tensor | None, z: torch.Tensor, up: torch.Tensor,
+                                 out_dtype: torch.dtype) -> torch.Tensor:
+    def torch_path():   # the kernel's epilogue: fp32 rescale (+ bias), + z·upᵀ with z in up's dtype, one cast
+        y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
+        if bias is not None:
+            y = y + bias.reshape(1, -1).float()
+        return (y + z.to(up.dtype).float() @ up.float().t()).to(out_dtype)
+
+    return fallback.run("int8_gemm_lora", qx.device, (tuple(codes.shape), z.shape[1], out_dtype, bias is not None),
+                        lambda: _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype, z, up),
+                        torch_path)
+
+
+def _int8_gemm_rescale_lora_fake(qx, sx, codes, sw, bias, z, up, out_dtype):
+    return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
 def _define(name, impl, fake):
     op = _existing(name)
     if op is not None:
@@ -83,6 +117,9 @@ def _define(name, impl, fake):
 
 rotate_quantize_op = _define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake)
 int8_gemm_rescale_op = _define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
+rotate_quantize_down_op = _define("rotate_quantize_down", _rotate_quantize_down_impl, _rotate_quantize_down_fake)
+int8_gemm_rescale_lora_op = _define("int8_gemm_rescale_lora", _int8_gemm_rescale_lora_impl,
+                                    _int8_gemm_rescale_lora_fake)
 
 
 # The fused kernel's largest group (H_1024 = H4 ⊗ H4 ⊗ H_64 stages); larger powers of 4 (4096, ...)
@@ -104,4 +141,13 @@ def int8_gemm_rescale(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, s
     return int8_gemm_rescale_op(qx, sx, codes, sw, bias, out_dtype)
 
 
-__all__ = ["int8_gemm_rescale", "int8_gemm_rescale_op", "rotate_quantize", "rotate_quantize_op"]
+def linear_lora(x2d: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                group_size: int, out_dtype: torch.dtype, down_t: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """W8A8 with a LoRA fused in: the down-projection in the rotate+quant pass, the up-projection in the
+    GEMM epilogue (no extra pass over x or y). down_t (K, R) in the rotation's dot dtype, up (N, R)."""
+    qx, sx, z = rotate_quantize_down_op(x2d, int(group_size), down_t)
+    return int8_gemm_rescale_lora_op(qx, sx, codes, sw, bias, z, up, out_dtype)
+
+
+__all__ = ["int8_gemm_rescale", "int8_gemm_rescale_op", "int8_gemm_rescale_lora_op", "linear_lora",
+           "rotate_quantize", "rotate_quantize_down_op", "rotate_quantize_op"]

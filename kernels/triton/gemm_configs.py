@@ -64,14 +64,32 @@ def smem_bytes(cfg, capability: tuple[int, int]) -> int:
     return max((kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * buffers, kw["BLOCK_M"] * kw["BLOCK_N"] * 4)
 
 
-def configs_for(capability: tuple[int, int], smem_limit: int | None = None):
-    """(large-M configs, small-M configs) to autotune on a GPU of this capability and opt-in shared memory.
+def lora_fits(cfg, capability: tuple[int, int], rank: int) -> bool:
+    """Whether a config keeps the fused LoRA epilogue (z·upᵀ at padded rank 16..128) free of spills. On sm_8x
+    the BLOCK_M×R and R×BLOCK_N operands join the accumulator in registers (bench/aot_check.py, Triton 3.8):
+    128×128 with 8 warps is clean at rank ≤ 64 and spills 240 B at 128; 128×64 and 64×128 with 4 warps
+    spill 32–40 B at 64; 64×64 and narrower are clean at 128. sm_90 (wgmma): 128×256 / 256×128 (8 warps)
+    spill 84–108 B at rank 64 and 128×128 (4 warps) 40–120 B; 128×64, 64×128 and smaller are clean at 128."""
+    kw = cfg.kwargs
+    tile = kw["BLOCK_M"] * kw["BLOCK_N"]
+    if rank == 0:
+        return True
+    if capability[0] == 9:
+        return tile <= 128 * 64
+    if tile <= 64 * 64:
+        return True
+    return rank <= 64 and tile <= 128 * 128 and cfg.num_warps >= 8
+
+
+def configs_for(capability: tuple[int, int], smem_limit: int | None = None, lora_rank: int = 0):
+    """(large-M configs, small-M configs) to autotune on a GPU of this capability and opt-in shared memory,
+    for the GEMM with a fused LoRA of this padded rank (0: none).
     Hopper gets its wgmma table; Ampere, Ada and anything newer the mma.sync one (it compiles everywhere
     from sm_80; newer GPUs are not compile-checked here)."""
     limit = smem_limit or SMEM_OPTIN.get(tuple(capability), SMEM_DEFAULT)
     large = SM90_LARGE if capability[0] == 9 else SM8X_LARGE
-    fit = [c for c in large if smem_bytes(c, capability) <= limit]
-    small = [c for c in SMALL if smem_bytes(c, capability) <= limit]
+    fit = [c for c in large if smem_bytes(c, capability) <= limit and lora_fits(c, capability, lora_rank)]
+    small = [c for c in SMALL if smem_bytes(c, capability) <= limit and lora_fits(c, capability, lora_rank)]
     return fit or large[-1:], small or SMALL[:1]
 
 

@@ -45,10 +45,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
+def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, z_ptr, u_ptr, M, N, K, M_BUCKET,
                               stride_am, stride_bn, stride_ym,
                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                              R: tl.constexpr):
     # Grouped ordering: GROUP_M row blocks sweep the N blocks together (weight tiles reused from L2).
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -85,24 +86,31 @@ def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, 
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if R > 0:
+        # Fused LoRA up-projection: y += z·upᵀ for this tile (z float32 (M, R) from the rotate+quant
+        # kernel, up (N, R) in the activation dtype; z is rounded to it like the unfused GEMM's input).
+        offs_r = tl.arange(0, R)
+        zt = tl.load(z_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+        ut = tl.load(u_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :], other=0.0)
+        y += tl.dot(zt.to(ut.dtype), ut, input_precision="ieee")
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _tuned(configs):
     heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_int8_gemm_rescale_kernel)
-    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K"],
+    return triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "R"],
                            prune_configs_by={"early_config_prune": _prune})(heur)
 
 
-_TUNED: dict[tuple, tuple] = {}  # (capability, shared memory) → (small-M, large-M) autotuned kernels
+_TUNED: dict[tuple, tuple] = {}  # (capability, shared memory, LoRA rank) → (small-M, large-M) kernels
 
 
-def _kernels_for(t: torch.Tensor):
+def _kernels_for(t: torch.Tensor, rank: int = 0):
     if INTERPRET or not t.is_cuda:
         key = ("interpreter",)
     else:
-        key = (torch.cuda.get_device_capability(t.device), gemm_configs.device_smem_limit(t.device))
+        key = (torch.cuda.get_device_capability(t.device), gemm_configs.device_smem_limit(t.device), rank)
     if key not in _TUNED:
         if len(key) == 1:
             large = small = gemm_configs.INTERPRETER
@@ -113,7 +121,9 @@ def _kernels_for(t: torch.Tensor):
 
 
 def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
-                             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                             bias: torch.Tensor | None, out_dtype: torch.dtype,
+                             z: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
+    """`z` float32 (M, R) and `up` (N, R) in a float dtype add a LoRA's z·upᵀ in the epilogue."""
     if qx.dtype != torch.int8 or codes.dtype != torch.int8 or qx.dim() != 2 or codes.dim() != 2:
         raise ValueError(f"expected int8 qx (M, K) and codes (N, K), got {qx.dtype} {tuple(qx.shape)} "
                          f"and {codes.dtype} {tuple(codes.shape)}")
@@ -125,6 +135,16 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
                          f"bias {None if bias is None else tuple(bias.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype {out_dtype} not supported; use one of {OUT_DTYPES}")
+    rank = 0
+    if (z is None) != (up is None):
+        raise ValueError("a fused LoRA needs both z and up")
+    if z is not None:
+        rank = z.shape[1]
+        if (z.dtype != torch.float32 or z.shape != (m, rank) or up.shape != (n, rank) or rank & (rank - 1)
+                or not 16 <= rank <= 128 or up.dtype not in OUT_DTYPES):
+            raise ValueError(f"fused LoRA: z must be float32 ({m}, R) and up ({n}, R), R a power of two in "
+                             f"16..128; got z {z.dtype} {tuple(z.shape)}, up {up.dtype} {tuple(up.shape)}")
+        z, up = z.contiguous(), up.contiguous()
     if qx.is_cuda and torch.cuda.get_device_capability(qx.device) < (8, 0):
         # Triton 3.x has no int8 MMA before Ampere: compiling this kernel for sm75 fails in
         # TritonGPUAccelerateMatmul (checked by compiling to PTX). Turing must use torch._int_mm.
@@ -138,13 +158,14 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
     sx = sx.reshape(-1).float().contiguous()
     sw = sw.reshape(-1).float().contiguous()  # also materializes an expanded per-tensor scale
     bias = None if bias is None else bias.reshape(-1).contiguous()
-    kernel = _kernels_for(qx)[0 if m <= SMALL_M else 1]
+    kernel = _kernels_for(qx, rank)[0 if m <= SMALL_M else 1]
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     with device_guard(qx):
-        kernel[grid](qx, codes, sx, sw, bias if bias is not None else sw, y, m, n, k,
+        kernel[grid](qx, codes, sx, sw, bias if bias is not None else sw, y,
+                     z if z is not None else sw, up if up is not None else sw, m, n, k,
                      max(SMALL_M, triton.next_power_of_2(m)), qx.stride(0), codes.stride(0), y.stride(0),
-                     HAS_BIAS=bias is not None, **_FP_FUSION_OPTION)
+                     HAS_BIAS=bias is not None, R=rank, **_FP_FUSION_OPTION)
     return y

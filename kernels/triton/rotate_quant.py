@@ -138,15 +138,39 @@ def _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, scale, stride_xm, stride_qm, K
 
 
 @triton.jit
-def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+def _pass1_down(x_ptr, h_ptr, d_ptr, rows, rmask, stride_xm, K, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                W: tl.constexpr):
+    """Pass 1 for g ≤ 64 with a LoRA down-projection: the rotated amax and z = x·downᵀ from the same
+    x tiles (one more small dot per tile; the kernel is memory-bound, so it rides on the loads)."""
+    hr = tl.arange(0, W)
+    h = tl.load(h_ptr + hr[:, None] * W + hr[None, :])
+    dr = tl.arange(0, R)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, W):
+        x = _load_x(x_ptr, rows, rmask, stride_xm, k0, K, W).to(h.dtype)
+        y = tl.dot(x, h, input_precision="ieee")
+        amax = tl.maximum(amax, tl.max(tl.abs(y), axis=1))
+        d = tl.load(d_ptr + (k0 + hr)[:, None] * R + dr[None, :], mask=((k0 + hr) < K)[:, None], other=0.0)
+        z = tl.dot(x, d, z, input_precision="ieee")
+    return amax, z
+
+
+@triton.jit
+def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, d_ptr, z_ptr, M, K, stride_xm, stride_qm,
                          ROTATE: tl.constexpr, NSUB: tl.constexpr, BLOCK_M: tl.constexpr,
-                         INTERPRET: tl.constexpr):
+                         INTERPRET: tl.constexpr, R: tl.constexpr):
     W: tl.constexpr = 64
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)  # masked rows/columns load as 0: no effect on amax
-    amax = _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, amax, stride_xm, stride_qm, K,
-                 False, ROTATE, NSUB, W, INTERPRET)
+    if R > 0:  # fused LoRA down-projection (g ≤ 64 only): z (M, R) float32
+        amax, z = _pass1_down(x_ptr, h_ptr, d_ptr, rows, rmask, stride_xm, K, R, BLOCK_M, W)
+        zr = tl.arange(0, R)
+        tl.store(z_ptr + rows[:, None] * R + zr[None, :], z, mask=rmask[:, None])
+    else:
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)  # masked rows/columns load as 0: no effect on amax
+        amax = _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, amax, stride_xm, stride_qm, K,
+                     False, ROTATE, NSUB, W, INTERPRET)
     scale = tl.maximum(tl.math.div_rn(amax, 127.0), 1e-30)
     tl.store(s_ptr + rows, scale, mask=rmask)
     _pass(x_ptr, h_ptr, q_ptr, rows, rmask, amax, scale, stride_xm, stride_qm, K,
@@ -192,8 +216,31 @@ def rotation_tile(group_size: int, device, dtype: torch.dtype) -> torch.Tensor:
     return tile
 
 
-def rotate_quantize_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused group-wise rotation (group_size 0 = none) and per-row INT8 quantization of a 2-D x."""
+# Ranks (padded to a power of two) the fused down-projection takes: tl.dot needs ≥ 16, and the GEMM
+# epilogue that consumes z keeps a BLOCK_M×R tile next to its accumulator (bench/aot_check.py).
+DOWN_RANKS = (16, 32, 64, 128)
+
+
+def down_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype the fused down-projection's operand must have for x (the rotation dot's dtype)."""
+    return _dot_dtype(x)
+
+
+def fuses_down(x: torch.Tensor, group_size: int | None, rank: int) -> bool:
+    """Whether rotate_quantize_triton can also compute a LoRA down-projection of this rank for x: g ≤ 64
+    and an fp16/bf16 tensor-core dot. The fp32 FMA dot (fp32 activations) spills with the extra BLOCK_M×R
+    accumulator (264–1650 B at rank 128, 136 B at rank 16 on sm_90: bench/aot_check.py), so fp32 stays
+    unfused; the interpreter, whose dot is always fp32, runs it for the tests."""
+    if x.dim() != 2 or x.dtype not in INPUT_DTYPES or not group_size or group_size > 64 or rank not in DOWN_RANKS:
+        return False
+    return INTERPRET or _dot_dtype(x) != torch.float32
+
+
+def rotate_quantize_triton(x: torch.Tensor, group_size: int, down_t: torch.Tensor | None = None):
+    """Fused group-wise rotation (group_size 0 = none) and per-row INT8 quantization of a 2-D x.
+
+    With `down_t` (K, R), R in DOWN_RANKS, in `down_dtype(x)` (g ≤ 64 only) it also returns
+    z = x·down_t in float32 (M, R), a LoRA's down-projection, computed from the same loads of x."""
     if x.dim() != 2 or x.dtype not in INPUT_DTYPES:
         raise ValueError(f"rotate_quantize expects a 2-D float32/bfloat16/float16 tensor, got {x.dtype} "
                          f"{tuple(x.shape)}")
@@ -205,8 +252,18 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tens
         x = x.contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    rank = 0
+    z = None
+    if down_t is not None:
+        rank = down_t.shape[1]
+        if not fuses_down(x, group_size, rank) or down_t.shape[0] != k or down_t.dtype != _dot_dtype(x):
+            raise ValueError(f"fused down-projection needs g <= 64, rank in {DOWN_RANKS} and a ({k}, R) operand "
+                             f"in {_dot_dtype(x)}; got g={group_size}, {down_t.dtype} {tuple(down_t.shape)}")
+        down_t = down_t.contiguous()
+        z = torch.zeros((m, rank), dtype=torch.float32, device=x.device)
     if m == 0 or k == 0:
-        return q, s.fill_(SCALE_FLOOR)
+        s.fill_(SCALE_FLOOR)
+        return (q, s) if z is None else (q, s, z)
     dot_dtype = _dot_dtype(x)
     if x.dtype == torch.float32 and group_size >= TORCH_FP32_MIN_GROUP:
         from ..linear import rotate_quantize_rows  # lazy: linear.py imports the backends that import us
@@ -216,7 +273,7 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int) -> tuple[torch.Tens
     grid = (triton.cdiv(m, block_m),)
     with device_guard(x):
         _rotate_quant_kernel[grid](
-            x, h, q, s, m, k, x.stride(0), q.stride(0), ROTATE=bool(group_size),
-            NSUB=max(1, group_size // 64), BLOCK_M=block_m, INTERPRET=INTERPRET,
-            num_warps=warps, num_stages=stages, **_FP_FUSION_OPTION)
-    return q, s
+            x, h, q, s, down_t if z is not None else s, z if z is not None else s, m, k, x.stride(0), q.stride(0),
+            ROTATE=bool(group_size), NSUB=max(1, group_size // 64), BLOCK_M=block_m, INTERPRET=INTERPRET,
+            R=rank, num_warps=warps, num_stages=stages, **_FP_FUSION_OPTION)
+    return (q, s) if z is None else (q, s, z)

@@ -129,3 +129,32 @@ def test_autotuner_picks_a_config_of_this_device():
         for key, cfg in kernel.cache.items():
             assert str(cfg) in allowed, (key, cfg)
             print("autotune", cap, key, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank,split", [(16, False), (64, False), (32, True), (128, False)])
+def test_fused_lora_matches_the_unfused_update(dtype, rank, split):
+    """LoRA fused into the Triton W8A8 kernels (down-projection in rotate+quant, up-projection in the GEMM
+    epilogue) against the INT8 output plus the low-rank update computed in float64."""
+    from comfyui_int8_convrot.engine import linear as L
+    k, n = SHAPES[0]
+    gen = torch.Generator().manual_seed(rank)
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    codes, scale = quantize_weight(w, 64)
+    codes, scale = codes.to(DEV), scale.to(DEV)
+    slices = [(0, n // 3), (n // 3, n // 3), (2 * (n // 3), n // 3)] if split else [None]
+    terms = L.LowRankSet(tuple(
+        L.LowRankTerm((torch.randn(rank, k, generator=gen) / k ** 0.5).to(DEV, dtype),
+                      (torch.randn(n if r is None else r[1], rank, generator=gen) * 0.05).to(DEV, dtype), 0.8, r)
+        for r in slices))
+    for m in TOKENS[-2:]:
+        x = _x(m, k, dtype, seed=m + rank)
+        with use_backend("triton"):
+            fused = L.fuses_lowrank_triton(x, 64, terms, "w8a8")
+            y = L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
+            y0 = L.int8_forward(x, codes, scale, None, 64, "w8a8", None)
+        assert fused == (sum(t.down.shape[0] for t in terms) <= 128)
+        delta = sum(t.delta(n, torch.float64).to(DEV) for t in terms)
+        ref = y0.double() + x.double() @ delta.t()
+        rel = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.dtype == dtype and rel < 1e-2, rel

@@ -1,0 +1,106 @@
+"""LoRA fused into the Triton W8A8 path (kernels/triton: the down-projection in the rotate+quant pass, the
+up-projection in the GEMM epilogue), on CPU under the Triton interpreter, against the unfused math.
+
+- rotate_quantize_down: codes and scales identical to rotate_quantize's (the same rotation dots), and
+  z = x·down_t to float32 rounding.
+- int8_gemm_rescale_lora: the int8 output of int8_gemm_rescale plus z·upᵀ (z rounded to up's dtype).
+- engine: int8_forward with LoRA terms on the Triton backend equals the unfused apply_lowrank path.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not importable: the fused kernels cannot be tested")
+
+from comfyui_int8_convrot.engine import linear as L  # noqa: E402
+from comfyui_int8_convrot.kernels import backends, quantize_weight, use_backend  # noqa: E402
+from comfyui_int8_convrot.kernels import triton as kt  # noqa: E402
+from comfyui_int8_convrot.kernels.triton import rotate_quant  # noqa: E402
+
+backends.triton_status.cache_clear()
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("TRITON_INTERPRET is set to something other than 1: these tests use CPU tensors",
+                allow_module_level=True)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("g,k,rank", [(64, 192, 16), (16, 80, 32), (4, 64, 64)])
+def test_rotate_quantize_down_matches_unfused(g, k, rank):
+    gen = torch.Generator().manual_seed(g + k + rank)
+    x = torch.randn(37, k, generator=gen)
+    down_t = torch.randn(k, rank, generator=gen) / k ** 0.5
+    q, s, z = rotate_quant.rotate_quantize_triton(x, g, down_t)
+    q0, s0 = rotate_quant.rotate_quantize_triton(x, g)
+    assert torch.equal(q, q0) and torch.equal(s, s0)
+    assert z.dtype == torch.float32 and z.shape == (37, rank)
+    assert rel(z, x.double() @ down_t.double()) < 1e-6
+
+
+def test_rotate_quantize_down_refuses_what_it_cannot_fuse():
+    x = torch.randn(8, 256)
+    with pytest.raises(ValueError):
+        rotate_quant.rotate_quantize_triton(x, 256, torch.randn(256, 16))   # g > 64
+    with pytest.raises(ValueError):
+        rotate_quant.rotate_quantize_triton(x, 64, torch.randn(256, 24))    # rank not a power of two
+    assert not rotate_quant.fuses_down(x, 256, 16) and rotate_quant.fuses_down(x, 64, 128)
+    assert not rotate_quant.fuses_down(x, 64, 256)
+
+
+@pytest.mark.parametrize("out_dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
+def test_gemm_lora_epilogue_matches_unfused(out_dtype, bias):
+    gen = torch.Generator().manual_seed(5)
+    m, k, n, r = 21, 64, 48, 32
+    qx = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    sx, sw = torch.rand(m, 1, generator=gen) * 0.01, torch.rand(n, 1, generator=gen) * 0.01
+    b = torch.randn(n, generator=gen) if bias else None
+    z = torch.randn(m, r, generator=gen)
+    up = torch.randn(n, r, generator=gen) * 0.1
+    y = kt.int8_gemm_rescale_lora_op(qx, sx, codes, sw, b, z, up, out_dtype)
+    base = kt.int8_gemm_rescale(qx, sx, codes, sw, b, torch.float32)
+    ref = base.double() + z.double() @ up.double().t()
+    assert y.dtype == out_dtype and rel(y, ref) < (1e-6 if out_dtype == torch.float32 else 8e-3)
+
+
+def test_gemm_lora_checks_its_operands():
+    qx = torch.zeros(4, 64, dtype=torch.int8)
+    codes = torch.zeros(8, 64, dtype=torch.int8)
+    sx, sw = torch.ones(4, 1), torch.ones(8, 1)
+    from comfyui_int8_convrot.kernels.triton import int8_gemm
+    with pytest.raises(ValueError):   # rank not a power of two
+        int8_gemm.int8_gemm_rescale_triton(qx, sx, codes, sw, None, torch.float32,
+                                           z=torch.zeros(4, 24), up=torch.zeros(8, 24))
+    with pytest.raises(ValueError):   # z without up
+        int8_gemm.int8_gemm_rescale_triton(qx, sx, codes, sw, None, torch.float32, z=torch.zeros(4, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [False, True])
+def test_engine_forward_fuses_lora_on_triton(dtype, split):
+    """int8_forward with LoRA terms (one plain, or q/k/v-style row slices) on the Triton backend:
+    the fused path equals the INT8 output plus the unfused low-rank update."""
+    gen = torch.Generator().manual_seed(7)
+    k, n = 128, 96
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    codes, scale = quantize_weight(w, 64)
+    x = torch.randn(2, 20, k, generator=gen).to(dtype)
+    slices = [(0, 32), (32, 32), (64, 32)] if split else [None]
+    terms = L.LowRankSet(tuple(
+        L.LowRankTerm((torch.randn(8, k, generator=gen) / k ** 0.5).to(dtype),
+                      (torch.randn(n if r is None else r[1], 8, generator=gen) * 0.1).to(dtype), 0.7, r)
+        for r in slices))
+    with use_backend("triton"):
+        assert L.fuses_lowrank_triton(x, 64, terms, "w8a8")
+        y = L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
+        y0 = L.int8_forward(x, codes, scale, None, 64, "w8a8", None)
+    ref = y0.double() + L.apply_lowrank(torch.zeros_like(y0, dtype=torch.float32), x.float(),
+                                        L.LowRankSet(tuple(t.to("cpu", torch.float32) for t in terms))).double()
+    assert y.dtype == dtype
+    assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel(y - y0.to(y.dtype), ref - y0.double()) < (1e-5 if dtype == torch.float32 else 3e-2)
