@@ -97,8 +97,8 @@ class PackCache:
     tensor never sees an old pack). A hit must also match storage, shape and content: the version
     counter where the tensor has one; ComfyUI's weights are made under inference_mode, which has none,
     and its hooks can write weights in place, so for those an int64 checksum of the codes (one 5 GB/s
-    pass, ~2% of the GEMM it guards at 1k tokens) plus the exact scales. Memory: a pack is ~1.15 bytes
-    per weight on top of ComfyUI's own int8 copy, as in the pack's own loader.
+    pass, ~2% of the GEMM it guards at 1k tokens) plus the exact scales. Memory: a pack is ~1–1.15 bytes
+    per weight on top of ComfyUI's own int8 copy (oneDNN / fbgemm layout), as in the pack's own loader.
     """
 
     def __init__(self):

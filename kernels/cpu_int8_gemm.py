@@ -240,7 +240,8 @@ def backend_report() -> dict:
     rep["fp32_fallback"] = ("always available; fp32 sgemm on the codes (products exact, "
                             "fp32 accumulation: relative error ~1e-7), weight converted per column chunk")
     rep["rejected"] = {
-        "torch._int_mm": "exact but a scalar loop on CPU (~1-6 GOP/s)",
+        "torch._int_mm": "exact; a scalar loop without AMX (~1-6 GOP/s), with AMX ~1.6x slower than "
+                         "prepacked oneDNN (re-lays the weight out per call)",
         "raw fbgemm/oneDNN u8s8": "int16 saturation of adjacent-k pairs on non-VNNI x86 (up to ~1e-2 rel. error)",
         "7-bit weight halves": "exact but 2x the MACs (~140-150 GOP/s vs ~255 here)",
         "fp32/fp16-weight sgemm": "near-exact but ~125-170 GOP/s and 2-4 bytes per weight",
