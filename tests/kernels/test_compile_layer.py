@@ -31,3 +31,28 @@ def test_int8_linear_compiles_as_one_graph(mode, backend):
         eager = layer(x)
         compiled = torch.compile(layer, backend="inductor", fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_forward_compiles():
+    """The LoRA-fused Triton ops (kernels/triton: rotate_quantize_down, int8_gemm_rescale_lora) under
+    torch.compile, as ComfyUI's TorchCompileModel runs a patched layer: same result as eager."""
+    import torch._dynamo
+    from comfyui_int8_convrot.engine import linear as L
+    from comfyui_int8_convrot.kernels import quantize_weight, use_backend
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton ops run on CPU only under TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(1)
+    codes, scale = quantize_weight(torch.randn(96, 128, generator=gen), 64)
+    terms = L.LowRankSet((L.LowRankTerm(torch.randn(8, 128, generator=gen) * 0.1,
+                                        torch.randn(96, 8, generator=gen) * 0.1, 0.5),))
+    x = torch.randn(2, 24, 128, generator=gen)
+
+    def f(x):
+        return L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        assert L.fuses_lowrank_triton(x, 64, terms, "w8a8")
+        eager = f(x)
+        compiled = torch.compile(f, backend="inductor")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
