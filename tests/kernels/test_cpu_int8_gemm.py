@@ -229,35 +229,22 @@ def test_fp32_fallback(monkeypatch, m, with_bias):
     check(g.int8_gemm_rowscaled(qx, sx, packed, bias), qx, sx, qw, sw, packed, bias)
 
 
-@pytest.mark.parametrize("m", [1, 7, 300])
-def test_fbgemm_tier(monkeypatch, m):
-    """fbgemm (first without AMX) checked wherever it runs, also on AMX machines where oneDNN leads."""
-    real = g._probe()
-    if not real["fbgemm"][0]:
-        pytest.skip(f"fbgemm tier unusable here: {real['fbgemm'][2]}")
-    monkeypatch.setattr(g, "_probe", lambda: {"fbgemm": real["fbgemm"], "onednn": (False, False, "forced off")})
-    assert g.backend().startswith("fbgemm")
-    k, n = 3840, 77
-    qx, sx, qw, sw = realistic(m, k, n, seed=41 + m)
-    bias = torch.randn(n)
-    packed = g.pack_int8_weight(qw, sw)
-    assert packed.backend == "fbgemm"
-    check(g.int8_gemm_rowscaled(qx, sx, packed, bias), qx, sx, qw, sw, packed, bias)
-
-
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
-def test_onednn_tier(monkeypatch, m):
-    """Second tier (used when fbgemm is missing): same split, oneDNN kernel."""
+@pytest.mark.parametrize("tier", ["fbgemm", "onednn"])
+def test_each_tier_alone(monkeypatch, tier, m):
+    """Each fast tier checked wherever it runs, whichever leads on this machine (fbgemm without AMX,
+    oneDNN with it), across the 256-row chunk boundary."""
     real = g._probe()
-    if not real["onednn"][0]:
-        pytest.skip(f"oneDNN tier unusable here: {real['onednn'][2]}")
-    monkeypatch.setattr(g, "_probe", lambda: {"fbgemm": (False, False, "forced off"), "onednn": real["onednn"]})
-    assert g.backend().startswith("onednn")
+    if not real[tier][0]:
+        pytest.skip(f"{tier} tier unusable here: {real[tier][2]}")
+    monkeypatch.setattr(g, "_probe", lambda: {kind: real[kind] if kind == tier else (False, False, "forced off")
+                                              for kind in g._FAST})
+    assert g.backend().startswith(tier)
     k, n = 3840, 77
     qx, sx, qw, sw = realistic(m, k, n, seed=31 + m)
     bias = torch.randn(n)
     packed = g.pack_int8_weight(qw, sw)
-    assert packed.backend == "onednn"
+    assert packed.backend == tier
     check(g.int8_gemm_rowscaled(qx, sx, packed, bias), qx, sx, qw, sw, packed, bias)
     unit = g.pack_int8_weight(qw[:, :1024].contiguous(), torch.ones(n, 1))
     y = g.int8_gemm_rowscaled(qx[:, :1024].contiguous(), torch.ones(m, 1), unit)
