@@ -147,7 +147,7 @@ def variants(targets=TARGETS) -> list[Variant]:
                     out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages}", t,
                                        tuple(sorted(ce.items())), ptrs, warps, stages))
                     if g == 64 and dot != "fp32" and _has_lora():   # the fused LoRA down-projection
-                        for rank in (16, 128):
+                        for rank in (16, 128, 256):
                             ce = dict(ce, R=rank)
                             out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages} "
                                                f"LoRA r{rank}", t, tuple(sorted(ce.items())),
@@ -193,8 +193,9 @@ def compile_variant(v: Variant) -> Result:
         from comfyui_int8_convrot.kernels.triton.rotate_quant import _rotate_quant_kernel as fn
         sig, aligned = dict(_ROT_SIG), _ROT_ALIGNED
     if "R" in dict(v.constexprs):   # kernels with the fused LoRA take two more pointers
-        sig.update(dict(z_ptr="*fp32", u_ptr="*fp32") if v.kernel == "gemm" else dict(d_ptr="*fp32", z_ptr="*fp32"))
-        aligned = aligned + (("z_ptr", "u_ptr") if v.kernel == "gemm" else ("d_ptr", "z_ptr"))
+        sig.update(dict(z_ptr="*fp32", u_ptr="*fp32", zc_ptr="*i32", stride_zm="i32") if v.kernel == "gemm"
+                   else dict(d_ptr="*fp32", z_ptr="*fp32"))
+        aligned = aligned + (("z_ptr", "u_ptr", "zc_ptr", "stride_zm") if v.kernel == "gemm" else ("d_ptr", "z_ptr"))
     for ptr, dt in v.dtypes:
         sig[ptr] = "*" + dt
     ce = dict(v.constexprs)

@@ -182,24 +182,62 @@ class StackedLowRank:
         return self.down.shape[0]
 
     def fused_operands(self, out_features: int, down_dtype: torch.dtype, up_dtype: torch.dtype):
-        """(down_t (in, R), up (out, R)) for the Triton kernels, R = Σr padded to a power of two ≥ 16
-        with zeros; row-slice ups are placed in one dense up (their zero blocks cost MMA slots only)."""
+        """(down_t (in, RZ), up (out, R), zcol int32 (out,)) for the Triton kernels (see fused_layout):
+        z = x·down_t, and output row n adds z[:, zcol[n]:zcol[n]+R]·up[n]. Zero padding costs MMA slots only."""
         key = (out_features, down_dtype, up_dtype)
         if key not in self._fused:
-            r = fused_rank(self.rank)
-            down_t = self.down.new_zeros((self.down.shape[1], r), dtype=down_dtype)
-            down_t[:, :self.rank] = self.down.t().to(down_dtype)
+            layout = fused_layout([(rows, c1 - c0) for rows, c0, c1, _ in self.ups])
+            if layout is None:
+                raise ValueError("these LoRA terms cannot be fused (check fuses_lowrank_triton first)")
+            r, rz, sliced = layout
+            down_t = self.down.new_zeros((self.down.shape[1], rz), dtype=down_dtype)
             up = self.down.new_zeros((out_features, r), dtype=up_dtype)
-            for rows, c0, c1, u in self.ups:
-                dst = up if rows is None else up[rows[0]: rows[0] + rows[1]]
-                dst[:, c0:c1] = u.to(up_dtype)
-            self._fused[key] = (down_t, up)
+            zcol = torch.zeros(out_features, dtype=torch.int32, device=self.down.device)
+            for s, (rows, c0, c1, u) in enumerate(self.ups):
+                z0 = s * r if sliced else c0          # sliced: each row group's z columns start at s·R
+                down_t[:, z0: z0 + c1 - c0] = self.down[c0:c1].t().to(down_dtype)
+                rsl = slice(None) if rows is None else slice(rows[0], rows[0] + rows[1])
+                up[rsl, (0 if sliced else c0): (0 if sliced else c0) + c1 - c0] = u.to(up_dtype)
+                if sliced:
+                    zcol[rsl] = z0
+            self._fused[key] = (down_t, up, zcol)
         return self._fused[key]
 
 
 def fused_rank(rank: int) -> int:
     """The padded rank the fused Triton LoRA runs at."""
     return max(16, 1 << (rank - 1).bit_length())
+
+
+# The fused Triton LoRA (kernels/triton): the GEMM epilogue's up-projection takes R ≤ 128 columns of z, the
+# rotate+quant pass computes z up to 256 wide; row slices (q/k/v of a fused qkv) aligned to LORA_SLICE_ALIGN
+# each get their own z columns, so three rank-64 LoRAs run at R = 64 (z 256 wide) rather than R = 192.
+MAX_FUSED_UP_RANK = 128
+MAX_FUSED_Z = 256
+LORA_SLICE_ALIGN = 256   # kernels/triton/int8_gemm.LORA_ALIGN: one z offset per GEMM output block
+
+
+def fused_layout(groups) -> tuple[int, int, bool] | None:
+    """Pure: (R, RZ, sliced) for the fused Triton LoRA from [(rows, rank)] per output-row group (as
+    StackedLowRank orders them), or None where it cannot fuse. Sliced: group s's z columns are
+    [s·R, s·R + rank); dense: all groups share one up of width R = Σr (padded)."""
+    total = sum(rank for _, rank in groups)
+    if len(groups) > 1 and all(rows is not None and rows[0] % LORA_SLICE_ALIGN == 0
+                               and rows[1] % LORA_SLICE_ALIGN == 0 for rows, _ in groups):
+        r = fused_rank(max(rank for _, rank in groups))
+        rz = fused_rank(len(groups) * r)
+        if r <= MAX_FUSED_UP_RANK and rz <= MAX_FUSED_Z:
+            return r, rz, True
+    r = fused_rank(total)
+    return (r, r, False) if r <= MAX_FUSED_UP_RANK else None
+
+
+def _row_groups(terms) -> list:
+    """[(rows, Σrank)] per output-row group, in StackedLowRank's order."""
+    groups: dict = {}
+    for t in terms:
+        groups[t.rows] = groups.get(t.rows, 0) + t.down.shape[0]
+    return [(rows, groups[rows]) for rows in sorted(groups, key=lambda r: (-1, 0) if r is None else r)]
 
 
 def stack_lowrank(terms, device, dtype) -> StackedLowRank:
@@ -282,11 +320,12 @@ def apply_lowrank(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
 
 def fuses_lowrank_triton(x: torch.Tensor, group_size: int | None, terms, mode: str = "auto") -> bool:
     """Whether these LoRA terms run fused into the Triton W8A8 kernels for x (CUDA, group size ≤ 64,
-    total rank ≤ 128): no extra pass over x or the output (RTX 3070 roofline, 3840² at 4096 tokens, rank 64:
+    fp16/bf16, see fused_layout): no extra pass over x or the output (RTX 3070 roofline, 3840² at 4096 tokens, rank 64:
     1.25× unfused, from the output's read-modify-write and a second read of x; ~1.06× fused)."""
     if not terms or not x.is_floating_point():
         return False
-    return kernels.fuses_lora(x, group_size, fused_rank(sum(t.down.shape[0] for t in terms)), mode)
+    layout = fused_layout(_row_groups(terms))
+    return layout is not None and kernels.fuses_lora(x, group_size, layout[1], mode)
 
 
 def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -89,20 +89,27 @@ def _rotate_quantize_down_fake(x, group_size, down_t):
 
 
 def _int8_gemm_rescale_lora_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
-                                 bias: torch.Tensor | None, z: torch.Tensor, up: torch.Tensor,
+                                 bias: torch.Tensor | None, z: torch.Tensor, up: torch.Tensor, zcol: torch.Tensor,
                                  out_dtype: torch.dtype) -> torch.Tensor:
     def torch_path():   # the kernel's epilogue: fp32 rescale (+ bias), + z·upᵀ with z in up's dtype, one cast
         y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
         if bias is not None:
             y = y + bias.reshape(1, -1).float()
-        return (y + z.to(up.dtype).float() @ up.float().t()).to(out_dtype)
+        r = up.shape[1]
+        zq = z.to(up.dtype).float()
+        for c0 in torch.unique(zcol).tolist():    # one z column block per q/k/v slice
+            cols = zcol == c0
+            y[:, cols] += zq[:, c0:c0 + r] @ up[cols].float().t()
+        return y.to(out_dtype)
 
-    return fallback.run("int8_gemm_lora", qx.device, (tuple(codes.shape), z.shape[1], out_dtype, bias is not None),
-                        lambda: _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype, z, up),
+    return fallback.run("int8_gemm_lora", qx.device, (tuple(codes.shape), tuple(z.shape[1:]), up.shape[1], out_dtype,
+                                                      bias is not None),
+                        lambda: _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype, z, up,
+                                                                       zcol),
                         torch_path)
 
 
-def _int8_gemm_rescale_lora_fake(qx, sx, codes, sw, bias, z, up, out_dtype):
+def _int8_gemm_rescale_lora_fake(qx, sx, codes, sw, bias, z, up, zcol, out_dtype):
     return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
@@ -142,11 +149,13 @@ def int8_gemm_rescale(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, s
 
 
 def linear_lora(x2d: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-                group_size: int, out_dtype: torch.dtype, down_t: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+                group_size: int, out_dtype: torch.dtype, down_t: torch.Tensor, up: torch.Tensor,
+                zcol: torch.Tensor) -> torch.Tensor:
     """W8A8 with a LoRA fused in: the down-projection in the rotate+quant pass, the up-projection in the
-    GEMM epilogue (no extra pass over x or y). down_t (K, R) in the rotation's dot dtype, up (N, R)."""
+    GEMM epilogue (no extra pass over x or y). down_t (K, RZ) in the rotation's dot dtype, up (N, R),
+    zcol int32 (N,): where in z each output column's R LoRA columns start."""
     qx, sx, z = rotate_quantize_down_op(x2d, int(group_size), down_t)
-    return int8_gemm_rescale_lora_op(qx, sx, codes, sw, bias, z, up, out_dtype)
+    return int8_gemm_rescale_lora_op(qx, sx, codes, sw, bias, z, up, zcol, out_dtype)
 
 
 __all__ = ["int8_gemm_rescale", "int8_gemm_rescale_op", "int8_gemm_rescale_lora_op", "linear_lora",

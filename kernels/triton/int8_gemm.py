@@ -30,6 +30,9 @@ from . import gemm_configs
 from ._runtime import INTERPRET, device_guard
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A fused LoRA's z column offset must be constant over each BLOCK_N block: row slices (q/k/v) aligned to
+# this, the widest BLOCK_N of any config, get one offset each.
+LORA_ALIGN = 256
 SMALL_M = 16
 # Keep acc·sx·sw + bias as separate fp32 roundings (no fma), so the output is bit-identical to the torch
 # epilogue of the int_mm/reference backends. The interpreter has no such option (and never fuses).
@@ -45,8 +48,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, z_ptr, u_ptr, M, N, K, M_BUCKET,
-                              stride_am, stride_bn, stride_ym,
+def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, z_ptr, u_ptr, zc_ptr, M, N, K,
+                              M_BUCKET, stride_am, stride_bn, stride_ym, stride_zm,
                               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                               R: tl.constexpr):
@@ -87,10 +90,13 @@ def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, z_p
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if R > 0:
-        # Fused LoRA up-projection: y += z·upᵀ for this tile (z float32 (M, R) from the rotate+quant
+        # Fused LoRA up-projection: y += z[:, zc:zc+R]·upᵀ for this tile (z float32 from the rotate+quant
         # kernel, up (N, R) in the activation dtype; z is rounded to it like the unfused GEMM's input).
+        # zc, the z column where this tile's rows' LoRA starts (q/k/v slices of a fused qkv each have
+        # their own), is one value per BLOCK_N block: the wrapper only fuses slices aligned to 256.
         offs_r = tl.arange(0, R)
-        zt = tl.load(z_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_mask[:, None], other=0.0)
+        zc = tl.load(zc_ptr + pid_n * BLOCK_N)
+        zt = tl.load(z_ptr + offs_m[:, None] * stride_zm + zc + offs_r[None, :], mask=m_mask[:, None], other=0.0)
         ut = tl.load(u_ptr + offs_n[None, :] * R + offs_r[:, None], mask=n_mask[None, :], other=0.0)
         y += tl.dot(zt.to(ut.dtype), ut, input_precision="ieee")
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -122,8 +128,11 @@ def _kernels_for(t: torch.Tensor, rank: int = 0):
 
 def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
                              bias: torch.Tensor | None, out_dtype: torch.dtype,
-                             z: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
-    """`z` float32 (M, R) and `up` (N, R) in a float dtype add a LoRA's z·upᵀ in the epilogue."""
+                             z: torch.Tensor | None = None, up: torch.Tensor | None = None,
+                             zcol: torch.Tensor | None = None) -> torch.Tensor:
+    """`z` float32 (M, RZ) and `up` (N, R) in a float dtype add a LoRA's z[:, zcol[n]:zcol[n]+R]·up[n]ᵀ to
+    each output column n in the epilogue; `zcol` int32 (N,) is constant over aligned blocks of
+    LORA_ALIGN columns (None: all 0, z (M, R))."""
     if qx.dtype != torch.int8 or codes.dtype != torch.int8 or qx.dim() != 2 or codes.dim() != 2:
         raise ValueError(f"expected int8 qx (M, K) and codes (N, K), got {qx.dtype} {tuple(qx.shape)} "
                          f"and {codes.dtype} {tuple(codes.shape)}")
@@ -139,12 +148,16 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
     if (z is None) != (up is None):
         raise ValueError("a fused LoRA needs both z and up")
     if z is not None:
-        rank = z.shape[1]
-        if (z.dtype != torch.float32 or z.shape != (m, rank) or up.shape != (n, rank) or rank & (rank - 1)
-                or not 16 <= rank <= 128 or up.dtype not in OUT_DTYPES):
-            raise ValueError(f"fused LoRA: z must be float32 ({m}, R) and up ({n}, R), R a power of two in "
-                             f"16..128; got z {z.dtype} {tuple(z.shape)}, up {up.dtype} {tuple(up.shape)}")
-        z, up = z.contiguous(), up.contiguous()
+        rank = up.shape[1]
+        if zcol is None:
+            zcol = torch.zeros(n, dtype=torch.int32, device=qx.device)
+        if (z.dtype != torch.float32 or z.dim() != 2 or z.shape[0] != m or up.shape != (n, rank)
+                or rank & (rank - 1) or not 16 <= rank <= 128 or up.dtype not in OUT_DTYPES
+                or zcol.shape != (n,) or zcol.dtype != torch.int32):
+            raise ValueError(f"fused LoRA: z must be float32 ({m}, RZ), up ({n}, R) with R a power of two in "
+                             f"16..128, zcol int32 ({n},); got z {z.dtype} {tuple(z.shape)}, up {up.dtype} "
+                             f"{tuple(up.shape)}, zcol {None if zcol is None else (zcol.dtype, tuple(zcol.shape))}")
+        z, up, zcol = z.contiguous(), up.contiguous(), zcol.contiguous()
     if qx.is_cuda and torch.cuda.get_device_capability(qx.device) < (8, 0):
         # Triton 3.x has no int8 MMA before Ampere: compiling this kernel for sm75 fails in
         # TritonGPUAccelerateMatmul (checked by compiling to PTX). Turing must use torch._int_mm.
@@ -165,7 +178,7 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
 
     with device_guard(qx):
         kernel[grid](qx, codes, sx, sw, bias if bias is not None else sw, y,
-                     z if z is not None else sw, up if up is not None else sw, m, n, k,
-                     max(SMALL_M, triton.next_power_of_2(m)), qx.stride(0), codes.stride(0), y.stride(0),
-                     HAS_BIAS=bias is not None, R=rank, **_FP_FUSION_OPTION)
+                     z if z is not None else sw, up if up is not None else sw, zcol if zcol is not None else sw,
+                     m, n, k, max(SMALL_M, triton.next_power_of_2(m)), qx.stride(0), codes.stride(0), y.stride(0),
+                     z.stride(0) if z is not None else 0, HAS_BIAS=bias is not None, R=rank, **_FP_FUSION_OPTION)
     return y

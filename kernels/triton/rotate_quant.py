@@ -218,7 +218,7 @@ def rotation_tile(group_size: int, device, dtype: torch.dtype) -> torch.Tensor:
 
 # Ranks (padded to a power of two) the fused down-projection takes: tl.dot needs ≥ 16, and the GEMM
 # epilogue that consumes z keeps a BLOCK_M×R tile next to its accumulator (bench/aot_check.py).
-DOWN_RANKS = (16, 32, 64, 128)
+DOWN_RANKS = (16, 32, 64, 128, 256)
 
 
 def down_dtype(x: torch.Tensor) -> torch.dtype:

@@ -132,7 +132,7 @@ def test_autotuner_picks_a_config_of_this_device():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rank,split", [(16, False), (64, False), (32, True), (128, False)])
+@pytest.mark.parametrize("rank,split", [(16, False), (64, False), (32, True), (64, True), (128, False)])
 def test_fused_lora_matches_the_unfused_update(dtype, rank, split):
     """LoRA fused into the Triton W8A8 kernels (down-projection in rotate+quant, up-projection in the GEMM
     epilogue) against the INT8 output plus the low-rank update computed in float64."""
@@ -153,7 +153,9 @@ def test_fused_lora_matches_the_unfused_update(dtype, rank, split):
             fused = L.fuses_lowrank_triton(x, 64, terms, "w8a8")
             y = L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
             y0 = L.int8_forward(x, codes, scale, None, 64, "w8a8", None)
-        assert fused == (sum(t.down.shape[0] for t in terms) <= 128)
+        # at Z-Image shapes every case fuses (q/k/v slices of 3840 get their own z columns); DRY's tiny
+        # slices are not 256-aligned and fuse only while Σr ≤ 128
+        assert fused == (True if not DRY else L.fused_layout(L._row_groups(terms)) is not None)
         delta = sum(t.delta(n, torch.float64).to(DEV) for t in terms)
         ref = y0.double() + x.double() @ delta.t()
         rel = ((y.double() - ref).norm() / ref.norm()).item()

@@ -49,7 +49,7 @@ def test_rotate_quantize_down_refuses_what_it_cannot_fuse():
     with pytest.raises(ValueError):
         rotate_quant.rotate_quantize_triton(x, 64, torch.randn(256, 24))    # rank not a power of two
     assert not rotate_quant.fuses_down(x, 256, 16) and rotate_quant.fuses_down(x, 64, 128)
-    assert not rotate_quant.fuses_down(x, 64, 256)
+    assert rotate_quant.fuses_down(x, 64, 256) and not rotate_quant.fuses_down(x, 64, 512)
 
 
 @pytest.mark.parametrize("out_dtype,bias", [(torch.float32, True), (torch.bfloat16, False)])
@@ -62,7 +62,7 @@ def test_gemm_lora_epilogue_matches_unfused(out_dtype, bias):
     b = torch.randn(n, generator=gen) if bias else None
     z = torch.randn(m, r, generator=gen)
     up = torch.randn(n, r, generator=gen) * 0.1
-    y = kt.int8_gemm_rescale_lora_op(qx, sx, codes, sw, b, z, up, out_dtype)
+    y = kt.int8_gemm_rescale_lora_op(qx, sx, codes, sw, b, z, up, torch.zeros(n, dtype=torch.int32), out_dtype)
     base = kt.int8_gemm_rescale(qx, sx, codes, sw, b, torch.float32)
     ref = base.double() + z.double() @ up.double().t()
     assert y.dtype == out_dtype and rel(y, ref) < (1e-6 if out_dtype == torch.float32 else 8e-3)
@@ -80,20 +80,50 @@ def test_gemm_lora_checks_its_operands():
         int8_gemm.int8_gemm_rescale_triton(qx, sx, codes, sw, None, torch.float32, z=torch.zeros(4, 16))
 
 
+def test_gemm_lora_epilogue_reads_each_blocks_z_columns():
+    """Sliced layout: output columns of slice s add z[:, zcol:zcol+R]·upᵀ with their own zcol."""
+    gen = torch.Generator().manual_seed(6)
+    m, k, n, r = 9, 64, 768, 16
+    qx = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    sx, sw = torch.rand(m, 1, generator=gen) * 0.01, torch.rand(n, 1, generator=gen) * 0.01
+    z, up = torch.randn(m, 64, generator=gen), torch.randn(n, r, generator=gen) * 0.1
+    zcol = torch.repeat_interleave(torch.tensor([0, 16, 32], dtype=torch.int32), 256)
+    y = kt.int8_gemm_rescale_lora_op(qx, sx, codes, sw, None, z, up, zcol, torch.float32)
+    ref = kt.int8_gemm_rescale(qx, sx, codes, sw, None, torch.float32).double()
+    for s in range(3):
+        cols = slice(256 * s, 256 * (s + 1))
+        ref[:, cols] += z[:, 16 * s: 16 * s + r].double() @ up[cols].double().t()
+    assert rel(y, ref) < 1e-6
+
+
+def test_fused_layout():
+    assert L.fused_layout([(None, 8)]) == (16, 16, False)
+    assert L.fused_layout([(None, 64), ((0, 256), 32)]) == (128, 128, False)          # mixed: dense
+    qkv64 = [((0, 3840), 64), ((3840, 3840), 64), ((7680, 3840), 64)]
+    assert L.fused_layout(qkv64) == (64, 256, True)                                    # q/k/v: sliced
+    assert L.fused_layout([((0, 96), 64), ((96, 96), 72)]) is None                     # unaligned, Σr > 128
+    assert L.fused_layout([((0, 32), 8), ((32, 32), 8)]) == (16, 16, False)
+    assert L.fused_layout([(None, 129)]) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("split", [None, "dense", "sliced"])
 def test_engine_forward_fuses_lora_on_triton(dtype, split):
-    """int8_forward with LoRA terms (one plain, or q/k/v-style row slices) on the Triton backend:
-    the fused path equals the INT8 output plus the unfused low-rank update."""
+    """int8_forward with LoRA terms (one plain, or q/k/v-style row slices: small ones share one dense up,
+    256-aligned ones get their own z columns) on the Triton backend: the fused path equals the INT8
+    output plus the unfused low-rank update."""
     gen = torch.Generator().manual_seed(7)
-    k, n = 128, 96
+    k, n = 128, (768 if split == "sliced" else 96)
     w = torch.randn(n, k, generator=gen) / k ** 0.5
     codes, scale = quantize_weight(w, 64)
     x = torch.randn(2, 20, k, generator=gen).to(dtype)
-    slices = [(0, 32), (32, 32), (64, 32)] if split else [None]
+    rank = 48 if split == "sliced" else 8          # sliced: 3 × 48 = 144 > 128, fused only per slice
+    third = n // 3
+    slices = [(0, third), (third, third), (2 * third, third)] if split else [None]
     terms = L.LowRankSet(tuple(
-        L.LowRankTerm((torch.randn(8, k, generator=gen) / k ** 0.5).to(dtype),
-                      (torch.randn(n if r is None else r[1], 8, generator=gen) * 0.1).to(dtype), 0.7, r)
+        L.LowRankTerm((torch.randn(rank, k, generator=gen) / k ** 0.5).to(dtype),
+                      (torch.randn(n if r is None else r[1], rank, generator=gen) * 0.1).to(dtype), 0.7, r)
         for r in slices))
     with use_backend("triton"):
         assert L.fuses_lowrank_triton(x, 64, terms, "w8a8")
