@@ -325,7 +325,7 @@ def fuses_lowrank_triton(x: torch.Tensor, group_size: int | None, terms, mode: s
     if not terms or not x.is_floating_point():
         return False
     layout = fused_layout(_row_groups(terms))
-    return layout is not None and kernels.fuses_lora(x, group_size, layout[1], mode)
+    return layout is not None and kernels.fuses_lora(x, group_size, layout[1], mode, up_rank=layout[0])
 
 
 def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -136,15 +136,23 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     return _gemm_rescale_torch(acc, sx, sw, bias, out_dtype)
 
 
-def fuses_lora(x: torch.Tensor, group_size: int | None, rank: int, mode: str = "auto") -> bool:
-    """Whether `int8_linear(..., lora=(down_t, up))` can fuse a LoRA of this (padded) rank for x: W8A8 on
-    the Triton backend at group size ≤ 64 (kernels/triton: down-projection in the rotate+quant pass,
-    up-projection in the GEMM epilogue). Elsewhere the caller adds the update to the output."""
+def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, mode: str = "auto",
+               up_rank: int | None = None) -> bool:
+    """Whether `int8_linear(..., lora=(down_t, up, zcol))` can fuse a LoRA for x (z of `z_rank` columns, up
+    of `up_rank`): W8A8 on the Triton backend at group size ≤ 64 (kernels/triton: down-projection in the
+    rotate+quant pass, up-projection in the GEMM epilogue), and on a GPU only where the epilogue keeps the
+    GEMM's largest tile. Elsewhere the caller adds the update to the output."""
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens == 0 or resolve_mode(mode, x, tokens) != "w8a8" or backends.select_gemm_backend(x.device) != "triton":
         return False
     from .triton.rotate_quant import fuses_down
-    return fuses_down(x.reshape(-1, x.shape[-1]), group_size, rank)
+    if not fuses_down(x.reshape(-1, x.shape[-1]), group_size, z_rank):
+        return False
+    if x.is_cuda:
+        from .triton import gemm_configs
+        return gemm_configs.lora_keeps_best_tile(torch.cuda.get_device_capability(x.device),
+                                                 gemm_configs.device_smem_limit(x.device), up_rank or z_rank)
+    return True
 
 
 def lora_operand_dtype(x: torch.Tensor) -> torch.dtype:

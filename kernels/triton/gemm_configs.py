@@ -94,6 +94,14 @@ def configs_for(capability: tuple[int, int], smem_limit: int | None = None, lora
     return fit or large[-1:], small or SMALL[:1]
 
 
+def lora_keeps_best_tile(capability: tuple[int, int], smem_limit: int | None, rank: int) -> bool:
+    """Whether the fused LoRA epilogue at this rank still gets the large-M list's first (largest) tile.
+    Where it does not (sm_90 at any rank, sm_8x above 64) the GEMM would run on smaller tiles, which can
+    cost more than adding the update after the GEMM: unmeasured, so those stay unfused."""
+    best = configs_for(capability, smem_limit)[0][0]
+    return best in configs_for(capability, smem_limit, rank)[0]
+
+
 def device_smem_limit(device) -> int:
     """The device's opt-in shared memory per block (torch reports it), else the table above."""
     import torch

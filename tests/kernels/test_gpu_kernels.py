@@ -153,10 +153,24 @@ def test_fused_lora_matches_the_unfused_update(dtype, rank, split):
             fused = L.fuses_lowrank_triton(x, 64, terms, "w8a8")
             y = L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
             y0 = L.int8_forward(x, codes, scale, None, 64, "w8a8", None)
-        # at Z-Image shapes every case fuses (q/k/v slices of 3840 get their own z columns); DRY's tiny
-        # slices are not 256-aligned and fuse only while Σr ≤ 128
-        assert fused == (True if not DRY else L.fused_layout(L._row_groups(terms)) is not None)
+        # q/k/v slices of 3840 get their own z columns; DRY's tiny slices are not 256-aligned and fuse only
+        # while Σr ≤ 128. On a GPU the policy also wants the GEMM's largest tile kept (sm_8x: R ≤ 64).
+        layout = L.fused_layout(L._row_groups(terms))
+        want = layout is not None
+        if want and not DRY:
+            from comfyui_int8_convrot.kernels.triton import gemm_configs
+            want = gemm_configs.lora_keeps_best_tile(torch.cuda.get_device_capability(DEV),
+                                                     gemm_configs.device_smem_limit(DEV), layout[0])
+        assert fused == want
         delta = sum(t.delta(n, torch.float64).to(DEV) for t in terms)
         ref = y0.double() + x.double() @ delta.t()
         rel = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.dtype == dtype and rel < 1e-2, rel
+        if layout is not None:   # the fused kernels themselves, also where the policy does not pick them
+            from comfyui_int8_convrot.kernels.linear import lora_operand_dtype
+            from comfyui_int8_convrot.kernels.triton import linear_lora
+            dot = lora_operand_dtype(x)
+            ops = terms.stacked(DEV, dtype).fused_operands(n, dot, dot)
+            y2 = linear_lora(x, codes, scale.float().reshape(-1, 1), None, 64, dtype, *ops)
+            rel2 = ((y2.double() - ref).norm() / ref.norm()).item()
+            assert rel2 < 1e-2, rel2
