@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
+from ..kernels.linear import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
 from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
 from .errors import FileFormatError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor
@@ -177,10 +178,6 @@ class StackedLowRank:
     ups: tuple[tuple[tuple[int, int] | None, int, int, torch.Tensor], ...]   # (rows, col0, col1, up (len, r))
     _fused: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
     def fused_operands(self, out_features: int, down_dtype: torch.dtype, up_dtype: torch.dtype):
         """(down_t (in, RZ), up (out, R), zcol int32 (out,)) for the Triton kernels (see fused_layout):
         z = x·down_t, and output row n adds z[:, zcol[n]:zcol[n]+R]·up[n]. Zero padding costs MMA slots only."""
@@ -209,46 +206,40 @@ def fused_rank(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-# The fused Triton LoRA (kernels/triton): the GEMM epilogue's up-projection takes R ≤ 128 columns of z, the
-# rotate+quant pass computes z up to 256 wide; row slices (q/k/v of a fused qkv) aligned to LORA_SLICE_ALIGN
-# each get their own z columns, so three rank-64 LoRAs run at R = 64 (z 256 wide) rather than R = 192.
-MAX_FUSED_UP_RANK = 128
-MAX_FUSED_Z = 256
-LORA_SLICE_ALIGN = 256   # kernels/triton/int8_gemm.LORA_ALIGN: one z offset per GEMM output block
-
-
 def fused_layout(groups) -> tuple[int, int, bool] | None:
     """Pure: (R, RZ, sliced) for the fused Triton LoRA from [(rows, rank)] per output-row group (as
-    StackedLowRank orders them), or None where it cannot fuse. Sliced: group s's z columns are
-    [s·R, s·R + rank); dense: all groups share one up of width R = Σr (padded)."""
-    total = sum(rank for _, rank in groups)
+    StackedLowRank orders them), or None where it cannot fuse (limits: kernels/linear.py LORA_*). Sliced:
+    row slices aligned to LORA_SLICE_ALIGN (q/k/v of a fused qkv) get z columns [s·R, s·R + rank) each,
+    so three rank-64 LoRAs run at R = 64 with z 256 wide rather than R = 192; dense: all groups share
+    one up of width R = Σr (padded)."""
     if len(groups) > 1 and all(rows is not None and rows[0] % LORA_SLICE_ALIGN == 0
                                and rows[1] % LORA_SLICE_ALIGN == 0 for rows, _ in groups):
         r = fused_rank(max(rank for _, rank in groups))
         rz = fused_rank(len(groups) * r)
-        if r <= MAX_FUSED_UP_RANK and rz <= MAX_FUSED_Z:
+        if r in LORA_UP_RANKS and rz in LORA_Z_RANKS:
             return r, rz, True
-    r = fused_rank(total)
-    return (r, r, False) if r <= MAX_FUSED_UP_RANK else None
+    r = fused_rank(sum(rank for _, rank in groups))
+    return (r, r, False) if r in LORA_UP_RANKS else None
+
+
+def _group_by_rows(terms) -> list:
+    """[(rows, [terms])] per output-row group: whole-output terms first, then slices by start."""
+    groups: dict = {}
+    for t in terms:
+        groups.setdefault(t.rows, []).append(t)
+    return [(rows, groups[rows]) for rows in sorted(groups, key=lambda r: (-1, 0) if r is None else r)]
 
 
 def _row_groups(terms) -> list:
     """[(rows, Σrank)] per output-row group, in StackedLowRank's order."""
-    groups: dict = {}
-    for t in terms:
-        groups[t.rows] = groups.get(t.rows, 0) + t.down.shape[0]
-    return [(rows, groups[rows]) for rows in sorted(groups, key=lambda r: (-1, 0) if r is None else r)]
+    return [(rows, sum(t.down.shape[0] for t in ts)) for rows, ts in _group_by_rows(terms)]
 
 
 def stack_lowrank(terms, device, dtype) -> StackedLowRank:
     """Pure: concatenate terms grouped by output rows; scale folded into up in float32, then one
     rounding to `dtype` (the same single rounding the per-term cast made)."""
-    groups: dict = {}
-    for t in terms:
-        groups.setdefault(t.rows, []).append(t)
     downs, ups, col = [], [], 0
-    for rows in sorted(groups, key=lambda r: (-1, 0) if r is None else r):
-        ts = groups[rows]
+    for rows, ts in _group_by_rows(terms):
         downs += [t.down.to(device=device, dtype=dtype) for t in ts]
         up = torch.cat([t.up.to(device=device, dtype=torch.float32) * t.scale for t in ts], dim=1).to(dtype)
         ups.append((rows, col, col + up.shape[1], up))
@@ -325,7 +316,7 @@ def fuses_lowrank_triton(x: torch.Tensor, group_size: int | None, terms, mode: s
     if not terms or not x.is_floating_point():
         return False
     layout = fused_layout(_row_groups(terms))
-    return layout is not None and kernels.fuses_lora(x, group_size, layout[1], mode, up_rank=layout[0])
+    return layout is not None and kernels.fuses_lora(x, group_size, layout[1], layout[0], mode)
 
 
 def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

@@ -136,12 +136,22 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     return _gemm_rescale_torch(acc, sx, sw, bias, out_dtype)
 
 
-def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, mode: str = "auto",
-               up_rank: int | None = None) -> bool:
+# What the fused Triton LoRA takes (kernels/triton): the rotate+quant pass computes z = x·down_t up to 256
+# columns wide, the GEMM epilogue adds R ≤ 128 of them per output column, and row slices (q/k/v of a fused
+# qkv) each get their own z columns when aligned to LORA_SLICE_ALIGN, the widest BLOCK_N of any GEMM config
+# (the epilogue reads one z offset per output block).
+LORA_Z_RANKS = (16, 32, 64, 128, 256)
+LORA_UP_RANKS = (16, 32, 64, 128)
+LORA_SLICE_ALIGN = 256
+
+
+def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, up_rank: int, mode: str = "auto") -> bool:
     """Whether `int8_linear(..., lora=(down_t, up, zcol))` can fuse a LoRA for x (z of `z_rank` columns, up
     of `up_rank`): W8A8 on the Triton backend at group size ≤ 64 (kernels/triton: down-projection in the
     rotate+quant pass, up-projection in the GEMM epilogue), and on a GPU only where the epilogue keeps the
     GEMM's largest tile. Elsewhere the caller adds the update to the output."""
+    if up_rank not in LORA_UP_RANKS:
+        return False
     tokens = x.numel() // max(1, x.shape[-1])
     if tokens == 0 or resolve_mode(mode, x, tokens) != "w8a8" or backends.select_gemm_backend(x.device) != "triton":
         return False
@@ -151,15 +161,15 @@ def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, mode: str =
     if x.is_cuda:
         from .triton import gemm_configs
         return gemm_configs.lora_keeps_best_tile(torch.cuda.get_device_capability(x.device),
-                                                 gemm_configs.device_smem_limit(x.device), up_rank or z_rank)
+                                                 gemm_configs.device_smem_limit(x.device), up_rank)
     return True
 
 
 def lora_operand_dtype(x: torch.Tensor) -> torch.dtype:
     """dtype of the fused LoRA operands for x: the Triton rotation's dot dtype (x's on sm80+; float32
     for fp32 x, and under the interpreter, which multiplies bf16 as raw bits)."""
-    from .triton.rotate_quant import down_dtype
-    return down_dtype(x.reshape(-1, x.shape[-1]))
+    from .triton.rotate_quant import dot_dtype
+    return dot_dtype(x.reshape(-1, x.shape[-1]))
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -168,8 +178,8 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     """ConvRot-INT8 linear layer. `group_size` None/0 means the codes are not rotated.
 
     `packed` is an optional backend-specific prepacked weight (see `prepack`), reused across calls.
-    `lora` = (down_t (K, R), up (N, R)) adds x·down_t·upᵀ inside the W8A8 Triton pass (only where
-    `fuses_lora(x, group_size, R, mode)`).
+    `lora` = (down_t (K, RZ), up (N, R), zcol int32 (N,)) adds z = x·down_t, z[:, zcol[n]:zcol[n]+R]·up[n]
+    to each output column n inside the W8A8 Triton pass (only where `fuses_lora(x, group_size, RZ, R, mode)`).
     """
     _check(x, codes, scale, group_size)
     out_dtype = out_dtype or (x.dtype if x.is_floating_point() else torch.float32)
@@ -177,7 +187,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     if bias is not None:
         bias = bias.to(device=x.device)
     chosen = resolve_mode(mode, x, x2.shape[0])
-    if lora is not None and not fuses_lora(x, group_size, lora[0].shape[1], mode):
+    if lora is not None and not fuses_lora(x, group_size, lora[0].shape[1], lora[1].shape[1], mode):
         raise ValueError("this call cannot fuse a LoRA (check fuses_lora first)")
     if x2.shape[0] == 0:
         y = x2.new_zeros((0, codes.shape[0]), dtype=out_dtype)

@@ -54,14 +54,19 @@ def _rotate_quantize_fake(x, group_size):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
+def _torch_rescale(qx, sx, codes, sw, bias) -> torch.Tensor:
+    """The Triton epilogue's roundings before its cast (fp32 ·sx, ·sw, +bias), so the torch fallbacks of
+    both GEMM ops stay bit-identical to the kernels."""
+    y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
+    if bias is not None:
+        y = y + bias.reshape(1, -1).float()
+    return y
+
+
 def _int8_gemm_rescale_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, sw: torch.Tensor,
                             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     def torch_path():
-        # The Triton epilogue's roundings (fp32 ·sx, ·sw, +bias, one cast), so outputs stay bit-identical.
-        y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
-        if bias is not None:
-            y = y + bias.reshape(1, -1).float()
-        return y.to(out_dtype)
+        return _torch_rescale(qx, sx, codes, sw, bias).to(out_dtype)
 
     return fallback.run("int8_gemm", qx.device, (tuple(codes.shape), qx.shape[0] <= 16, out_dtype, bias is not None),
                         lambda: _kernels()[1].int8_gemm_rescale_triton(qx, sx, codes, sw, bias, out_dtype),
@@ -92,9 +97,7 @@ def _int8_gemm_rescale_lora_impl(qx: torch.Tensor, sx: torch.Tensor, codes: torc
                                  bias: torch.Tensor | None, z: torch.Tensor, up: torch.Tensor, zcol: torch.Tensor,
                                  out_dtype: torch.dtype) -> torch.Tensor:
     def torch_path():   # the kernel's epilogue: fp32 rescale (+ bias), + z·upᵀ with z in up's dtype, one cast
-        y = fallback.int_mm(qx, codes).float() * sx.reshape(-1, 1).float() * sw.reshape(1, -1).float()
-        if bias is not None:
-            y = y + bias.reshape(1, -1).float()
+        y = _torch_rescale(qx, sx, codes, sw, bias)
         r = up.shape[1]
         zq = z.to(up.dtype).float()
         for c0 in torch.unique(zcol).tolist():    # one z column block per q/k/v slice

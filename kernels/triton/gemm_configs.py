@@ -16,6 +16,8 @@ them, so it never compiles a config that cannot launch (consumer Ampere/Ada have
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 
 
@@ -94,6 +96,7 @@ def configs_for(capability: tuple[int, int], smem_limit: int | None = None, lora
     return fit or large[-1:], small or SMALL[:1]
 
 
+@functools.lru_cache(maxsize=None)   # asked on every LoRA'd Linear call
 def lora_keeps_best_tile(capability: tuple[int, int], smem_limit: int | None, rank: int) -> bool:
     """Whether the fused LoRA epilogue at this rank still gets the large-M list's first (largest) tile.
     Where it does not (sm_90 at any rank, sm_8x above 64) the GEMM would run on smaller tiles, which can

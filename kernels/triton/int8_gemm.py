@@ -26,13 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..linear import LORA_UP_RANKS
 from . import gemm_configs
 from ._runtime import INTERPRET, device_guard
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A fused LoRA's z column offset must be constant over each BLOCK_N block: row slices (q/k/v) aligned to
-# this, the widest BLOCK_N of any config, get one offset each.
-LORA_ALIGN = 256
 SMALL_M = 16
 # Keep acc·sx·sw + bias as separate fp32 roundings (no fma), so the output is bit-identical to the torch
 # epilogue of the int_mm/reference backends. The interpreter has no such option (and never fuses).
@@ -93,7 +91,7 @@ def _int8_gemm_rescale_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, z_p
         # Fused LoRA up-projection: y += z[:, zc:zc+R]·upᵀ for this tile (z float32 from the rotate+quant
         # kernel, up (N, R) in the activation dtype; z is rounded to it like the unfused GEMM's input).
         # zc, the z column where this tile's rows' LoRA starts (q/k/v slices of a fused qkv each have
-        # their own), is one value per BLOCK_N block: the wrapper only fuses slices aligned to 256.
+        # their own), is one value per BLOCK_N block: only slices aligned to LORA_SLICE_ALIGN are fused.
         offs_r = tl.arange(0, R)
         zc = tl.load(zc_ptr + pid_n * BLOCK_N)
         zt = tl.load(z_ptr + offs_m[:, None] * stride_zm + zc + offs_r[None, :], mask=m_mask[:, None], other=0.0)
@@ -132,7 +130,7 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
                              zcol: torch.Tensor | None = None) -> torch.Tensor:
     """`z` float32 (M, RZ) and `up` (N, R) in a float dtype add a LoRA's z[:, zcol[n]:zcol[n]+R]·up[n]ᵀ to
     each output column n in the epilogue; `zcol` int32 (N,) is constant over aligned blocks of
-    LORA_ALIGN columns (None: all 0, z (M, R))."""
+    kernels.linear.LORA_SLICE_ALIGN columns (None: all 0, z (M, R))."""
     if qx.dtype != torch.int8 or codes.dtype != torch.int8 or qx.dim() != 2 or codes.dim() != 2:
         raise ValueError(f"expected int8 qx (M, K) and codes (N, K), got {qx.dtype} {tuple(qx.shape)} "
                          f"and {codes.dtype} {tuple(codes.shape)}")
@@ -152,10 +150,10 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
         if zcol is None:
             zcol = torch.zeros(n, dtype=torch.int32, device=qx.device)
         if (z.dtype != torch.float32 or z.dim() != 2 or z.shape[0] != m or up.shape != (n, rank)
-                or rank & (rank - 1) or not 16 <= rank <= 128 or up.dtype not in OUT_DTYPES
+                or rank not in LORA_UP_RANKS or up.dtype not in OUT_DTYPES
                 or zcol.shape != (n,) or zcol.dtype != torch.int32):
-            raise ValueError(f"fused LoRA: z must be float32 ({m}, RZ), up ({n}, R) with R a power of two in "
-                             f"16..128, zcol int32 ({n},); got z {z.dtype} {tuple(z.shape)}, up {up.dtype} "
+            raise ValueError(f"fused LoRA: z must be float32 ({m}, RZ), up ({n}, R) with R in {LORA_UP_RANKS}, "
+                             f"zcol int32 ({n},); got z {z.dtype} {tuple(z.shape)}, up {up.dtype} "
                              f"{tuple(up.shape)}, zcol {None if zcol is None else (zcol.dtype, tuple(zcol.shape))}")
         z, up, zcol = z.contiguous(), up.contiguous(), zcol.contiguous()
     if qx.is_cuda and torch.cuda.get_device_capability(qx.device) < (8, 0):

@@ -34,6 +34,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..hadamard import check_group_size, hadamard
+from ..linear import LORA_Z_RANKS, rotate_quantize_rows
 from ..quantize import SCALE_FLOOR
 from ..rotation import check_divisible
 from ._runtime import INTERPRET, device_guard
@@ -193,7 +194,7 @@ def launch_params(m: int, group_size: int, dot: str) -> tuple[int, int, int]:
     return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
 
 
-def _dot_dtype(x: torch.Tensor) -> torch.dtype:
+def dot_dtype(x: torch.Tensor) -> torch.dtype:
     """fp16/bf16 activations feed the MMA directly (exact products); fp32 uses an IEEE fp32 dot.
     bf16 MMA needs sm80+, and the interpreter multiplies bf16 as raw uint16 bits: upcast there."""
     if x.dtype == torch.float16:
@@ -216,14 +217,9 @@ def rotation_tile(group_size: int, device, dtype: torch.dtype) -> torch.Tensor:
     return tile
 
 
-# Ranks (padded to a power of two) the fused down-projection takes: tl.dot needs ≥ 16, and the GEMM
-# epilogue that consumes z keeps a BLOCK_M×R tile next to its accumulator (bench/aot_check.py).
-DOWN_RANKS = (16, 32, 64, 128, 256)
-
-
-def down_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype the fused down-projection's operand must have for x (the rotation dot's dtype)."""
-    return _dot_dtype(x)
+# Widths of z the fused down-projection takes (tl.dot needs ≥ 16; up to 256 compiles without spills:
+# bench/aot_check.py).
+DOWN_RANKS = LORA_Z_RANKS
 
 
 def fuses_down(x: torch.Tensor, group_size: int | None, rank: int) -> bool:
@@ -233,13 +229,13 @@ def fuses_down(x: torch.Tensor, group_size: int | None, rank: int) -> bool:
     unfused; the interpreter, whose dot is always fp32, runs it for the tests."""
     if x.dim() != 2 or x.dtype not in INPUT_DTYPES or not group_size or group_size > 64 or rank not in DOWN_RANKS:
         return False
-    return INTERPRET or _dot_dtype(x) != torch.float32
+    return INTERPRET or dot_dtype(x) != torch.float32
 
 
 def rotate_quantize_triton(x: torch.Tensor, group_size: int, down_t: torch.Tensor | None = None):
     """Fused group-wise rotation (group_size 0 = none) and per-row INT8 quantization of a 2-D x.
 
-    With `down_t` (K, R), R in DOWN_RANKS, in `down_dtype(x)` (g ≤ 64 only) it also returns
+    With `down_t` (K, R), R in DOWN_RANKS, in `dot_dtype(x)` (g ≤ 64 only) it also returns
     z = x·down_t in float32 (M, R), a LoRA's down-projection, computed from the same loads of x."""
     if x.dim() != 2 or x.dtype not in INPUT_DTYPES:
         raise ValueError(f"rotate_quantize expects a 2-D float32/bfloat16/float16 tensor, got {x.dtype} "
@@ -256,20 +252,19 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int, down_t: torch.Tenso
     z = None
     if down_t is not None:
         rank = down_t.shape[1]
-        if not fuses_down(x, group_size, rank) or down_t.shape[0] != k or down_t.dtype != _dot_dtype(x):
+        if not fuses_down(x, group_size, rank) or down_t.shape[0] != k or down_t.dtype != dot_dtype(x):
             raise ValueError(f"fused down-projection needs g <= 64, rank in {DOWN_RANKS} and a ({k}, R) operand "
-                             f"in {_dot_dtype(x)}; got g={group_size}, {down_t.dtype} {tuple(down_t.shape)}")
+                             f"in {dot_dtype(x)}; got g={group_size}, {down_t.dtype} {tuple(down_t.shape)}")
         down_t = down_t.contiguous()
-        z = torch.zeros((m, rank), dtype=torch.float32, device=x.device)
+        z = torch.empty((m, rank), dtype=torch.float32, device=x.device)   # the kernel writes every row
     if m == 0 or k == 0:
         s.fill_(SCALE_FLOOR)
-        return (q, s) if z is None else (q, s, z)
-    dot_dtype = _dot_dtype(x)
+        return (q, s) if z is None else (q, s, z.zero_())
+    dot = dot_dtype(x)
     if x.dtype == torch.float32 and group_size >= TORCH_FP32_MIN_GROUP:
-        from ..linear import rotate_quantize_rows  # lazy: linear.py imports the backends that import us
         return rotate_quantize_rows(x, group_size)
-    h = rotation_tile(group_size, x.device, dot_dtype) if group_size else s  # s: unused placeholder pointer
-    block_m, warps, stages = launch_params(m, group_size, _DOT_NAMES[dot_dtype])
+    h = rotation_tile(group_size, x.device, dot) if group_size else s  # s: unused placeholder pointer
+    block_m, warps, stages = launch_params(m, group_size, _DOT_NAMES[dot])
     grid = (triton.cdiv(m, block_m),)
     with device_guard(x):
         _rotate_quant_kernel[grid](

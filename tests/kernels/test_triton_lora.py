@@ -134,3 +134,28 @@ def test_engine_forward_fuses_lora_on_triton(dtype, split):
     assert y.dtype == dtype
     assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     assert rel(y - y0.to(y.dtype), ref - y0.double()) < (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_every_fusion_check_sees_the_up_rank(monkeypatch):
+    """The GPU policy (keep the GEMM's largest tile) depends on the epilogue's rank R, not z's width: the
+    engine and int8_linear must both ask with R (sliced q/k/v: R = 64 while z is 256 wide)."""
+    from comfyui_int8_convrot.kernels import linear as KL
+    seen = []
+    real = KL.fuses_lora
+
+    def spy(x, group_size, z_rank, up_rank, mode="auto"):
+        seen.append((z_rank, up_rank))
+        return real(x, group_size, z_rank, up_rank, mode)
+
+    monkeypatch.setattr(KL, "fuses_lora", spy)
+    monkeypatch.setattr(L.kernels, "fuses_lora", spy)
+    gen = torch.Generator().manual_seed(8)
+    k, n = 128, 768
+    codes, scale = quantize_weight(torch.randn(n, k, generator=gen) / k ** 0.5, 64)
+    terms = L.LowRankSet(tuple(L.LowRankTerm(torch.randn(48, k, generator=gen) * 0.1,
+                                             torch.randn(256, 48, generator=gen) * 0.1, 1.0, (256 * i, 256))
+                               for i in range(3)))
+    x = torch.randn(20, k, generator=gen)
+    with use_backend("triton"):
+        L.int8_forward(x, codes, scale, None, 64, "w8a8", None, terms)
+    assert seen and all(s == (256, 64) for s in seen), seen
