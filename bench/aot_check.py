@@ -115,7 +115,7 @@ def variants(targets=TARGETS) -> list[Variant]:
                             continue
                         name = f"{which} {label}" + ("" if even_k else " K-tail") + \
                             ("" if (bias, out_dt) == (True, "fp32") else f" bias={int(bias)} {out_dt}")
-                        ce = dict(kw, HAS_BIAS=bias, EVEN_K=even_k, **_no_lora("gemm"))
+                        ce = dict(kw, HAS_BIAS=bias, EVEN_K=even_k, **_no_lora())
                         out.append(Variant("gemm", name, t, tuple(sorted(ce.items())),
                                            (("bias_ptr", out_dt), ("y_ptr", out_dt)), c.num_warps, c.num_stages))
         # The fused LoRA epilogue (z·upᵀ, rank padded to 16..128) on every config the runtime keeps for it.
@@ -142,7 +142,7 @@ def variants(targets=TARGETS) -> list[Variant]:
                         continue
                     seen.add((bm, warps, stages))
                     ce = dict(ROTATE=bool(g), NSUB=max(1, g // 64), BLOCK_M=bm, INTERPRET=False,
-                              **_no_lora("rotate_quant"))
+                              **_no_lora())
                     ptrs = (("h_ptr", dot if g else "fp32"), ("x_ptr", dot))
                     out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages}", t,
                                        tuple(sorted(ce.items())), ptrs, warps, stages))
@@ -161,7 +161,7 @@ def _has_lora() -> bool:
     return hasattr(R, "DOWN_RANKS")
 
 
-def _no_lora(kernel: str) -> dict:
+def _no_lora() -> dict:
     return {"R": 0} if _has_lora() else {}
 
 

@@ -146,9 +146,9 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="int8convrot-bench-", dir=str(ROOT / ".cache")))
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))   # run the clean-up below on kill, too
-    lines = [f"- machine: {os.cpu_count()}-core {cpu_model()}, "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; load average at start {os.getloadavg()[0]:.2f} "
-             "(the machine is shared: other jobs may run)"]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    lines = [f"- machine: {os.cpu_count()}-core {cpu_model()}, {ram:.0f} GiB; load average at start "
+             f"{os.getloadavg()[0]:.2f} (the machine is shared: other jobs may run)"]
     try:
         src = work / "zimage_bench_bf16.safetensors"
         t = time.perf_counter()

@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     from comfyui_int8_convrot.engine.convert import convert_file
+    from comfyui_int8_convrot.engine.quality import relative_error
     from comfyui_int8_convrot.engine.synthetic import iter_zimage
 
     shape = shape_for(args.dim, args.layers)
@@ -201,8 +202,7 @@ def main(argv=None) -> int:
                 refs[(variant, with_lora)] = y
                 for name, ref_variant in (("rel", "native"), ("rel_bf16", "bf16")):
                     ref = refs.get((ref_variant, with_lora))
-                    res[name] = (float("nan") if ref is None else
-                                 ((ref.double() - y.double()).norm() / ref.double().norm()).item())
+                    res[name] = float("nan") if ref is None else relative_error(y, ref)
                 res.update(variant=variant, lora=with_lora)
                 rows.append(res)
                 print(f"{variant} LoRA={with_lora}: first {res['first']:.2f} s, forward {res['seconds']:.2f} s, "
