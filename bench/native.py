@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -218,21 +219,28 @@ def main(argv=None) -> int:
              "(a shared machine: other jobs may run)",
              f"- native + pack served by: {next((r['served'] for r in rows if r['variant'] == 'native+pack'), '-')}",
              "",
-             "| variant | LoRA | first forward s | forward s | vs native | peak "
+             "| variant | LoRA | first forward s | forward s | vs native | LoRA cost | peak "
              f"{'GPU' if gpu else 'RSS'} GiB | rel. error vs bf16 | rel. error vs native |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
+    plain = {r["variant"]: r for r in rows if not r["lora"]}
     for r in rows:
         b = base.get(r["lora"])
         ratio = f"{b['seconds'] / r['seconds']:.2f}x" if b else "-"
+        # What the LoRA adds to the same variant's forward (issue #11's "LoRA at full speed": <= 1.05x).
+        cost = f"{r['seconds'] / plain[r['variant']]['seconds']:.3f}x" if r["lora"] else "-"
         lines.append(f"| {LABELS[r['variant']]} | {'rank ' + str(args.lora_rank) if r['lora'] else 'none'} | "
-                     f"{r['first']:.2f} | {r['seconds']:.2f} | {ratio} | {r['peak'] / 2**30:.2f} | "
-                     f"{r['rel_bf16']:.4f} | {r['rel']:.4f} |")
+                     f"{r['first']:.2f} | {r['seconds']:.2f} | {ratio} | {cost} | {r['peak'] / 2**30:.2f} | "
+                     f"{_err(r['rel_bf16'])} | {_err(r['rel'])} |")
     print("\n".join(lines))
     if not args.no_write:
         cmd = "COMFYUI_PATH=... python bench/native.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         append_results(f"Native INT8 (stock loader) vs native + pack backend vs our loader ({args.device})",
                        cmd.strip(), rows[0]["device"], lines)
     return 0
+
+
+def _err(e: float) -> str:
+    return "-" if math.isnan(e) else f"{e:.4f}"   # nan: the reference variant was not run
 
 
 def _ck_version() -> str:
