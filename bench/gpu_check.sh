@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh          needs CUDA; refuses clearly without it
 #   bash bench/gpu_check.sh --dry    the same steps on CPU under the Triton interpreter with tiny shapes,
 #                                    writing to a scratch RESULTS file (CI runs this so the script cannot rot)
-# Environment: PYTHON (default: python), COMFYUI_PATH (bench/model.py needs a ComfyUI; skipped, saying so, without).
+# Environment: PYTHON (default: python), COMFYUI_PATH (bench/model.py and the dynamic-VRAM test need a ComfyUI;
+# skipped, saying so, without).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -26,6 +27,10 @@ if [ "$dry" = 0 ]; then
   kernel_args=(--device cuda --budget 0.3)
   lora_args=(--device cuda --reps 3)
   model_args=(--device cuda --reps 3)
+  # Every gpu-marked test: the kernels, the CUDA converter, and (with COMFYUI_PATH) our loader on ComfyUI's
+  # dynamic VRAM with a LoRA (it skips, saying why, without a ComfyUI). Named files, not tests/: some
+  # interpreter test modules set TRITON_INTERPRET=1 when imported, which would turn this run into a CPU one.
+  gpu_tests=(tests/kernels/test_gpu_kernels.py tests/engine/test_convert.py tests/nodes/test_layers_choice.py)
 else
   export TRITON_INTERPRET=1 INT8_CONVROT_GPU_DRY=1
   scratch="$(mktemp -d)"
@@ -35,6 +40,7 @@ else
   kernel_args=(--device cpu --tiny --tokens 16 --budget 0.01)
   lora_args=(--device cpu --tokens 16 --ranks 16 --reps 1 --shapes 3840x3840)
   model_args=(--device cpu --layers 1 --image 64 --caption-tokens 8 --reps 1 --modes w8a8)
+  gpu_tests=(tests/kernels/test_gpu_kernels.py)   # the others need a real CUDA device, not the interpreter
 fi
 export INT8_CONVROT_TRITON_FALLBACK=0  # a kernel that fails must fail here, not pass on the torch fallback
 export PYTHONUNBUFFERED=1
@@ -52,7 +58,7 @@ step() {  # step NAME CMD...: run, keep the output's tail for RESULTS.md, rememb
   [ "$rc" = 0 ] || status=1
 }
 
-step "GPU test tier" "$py" -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_gpu_kernels.py -rA
+step "GPU test tier" "$py" -m pytest -q -m gpu -p no:cacheprovider "${gpu_tests[@]}" -rA
 step "kernels g=64" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 64
 step "kernels g=256" "$py" bench/kernels.py "${kernel_args[@]}" --group-size 256
 step "LoRA fused vs added after" "$py" bench/lora.py "${lora_args[@]}"

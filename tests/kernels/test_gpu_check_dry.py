@@ -37,3 +37,17 @@ def test_real_run_refuses_without_cuda(tmp_path):
                           env=_env(INT8_CONVROT_RESULTS=str(tmp_path / "R.md")), timeout=300)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "R.md").exists()
+
+
+def test_real_run_names_every_gpu_test_file():
+    """The device run is the only place gpu-marked tests run: a new one must not be left out of it, and none
+    of the files it names may set TRITON_INTERPRET when imported (that would make the GPU run a CPU one)."""
+    import re
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    real = script.split("\nelse\n", 1)[0]
+    named = set(re.search(r"gpu_tests=\(([^)]*)\)", real).group(1).split())
+    marked = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+              if re.search(r"pytest\.mark\.gpu\b", p.read_text())}
+    assert named == marked
+    for f in named - {"tests/kernels/test_gpu_kernels.py"}:   # that one sets it only in its dry mode
+        assert 'environ.setdefault("TRITON_INTERPRET"' not in (ROOT / f).read_text(), f
