@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                 res.update(variant=variant, lora=with_lora)
                 rows.append(res)
                 print(f"{variant} LoRA={with_lora}: first {res['first']:.2f} s, forward {res['seconds']:.2f} s, "
-                      f"rel. error vs bf16 {res['rel_bf16']:.4f}, vs native {res['rel']:.4f}", flush=True)
+                      f"rel. error vs bf16 {_err(res['rel_bf16'])}, vs native {_err(res['rel'])}", flush=True)
 
     base = {r["lora"]: r for r in rows if r["variant"] == "native"}
     lines = [f"- model: Z-Image layout, dim {shape.dim}, FFN {shape.ffn}, {args.layers} main + 4 refiner blocks, "
