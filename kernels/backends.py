@@ -8,13 +8,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import os
 
 import torch
 
+from .routing import DeviceFacts, Route, decide
+
+log = logging.getLogger(__name__)
+
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("int8_convrot_backend", default=None)
 
-GEMM_BACKENDS = ("triton", "int_mm", "cpu", "reference")
+GEMM_BACKENDS = ("triton", "ck_hip", "int_mm", "cpu", "reference")
 
 
 @contextlib.contextmanager
@@ -58,22 +63,78 @@ def cpu_has_amx() -> bool:
         return False
 
 
-def int8_tensor_cores(device: torch.device) -> bool:
-    """int8 MMA (and torch._int_mm) needs sm_75+; Ampere (sm_80) is what RTX 30xx users have."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 5)
+def _device_name(device: torch.device, capability, rocm: bool) -> str:
+    if rocm:
+        try:
+            return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        except Exception:   # not readable (or a simulated device): the gfx version torch reports
+            return f"gfx {capability[0]}.{capability[1]}" if capability else "GPU"
+    return f"sm_{capability[0]}{capability[1]}" if capability else ""
 
 
-def triton_int8_mma(device: torch.device) -> bool:
-    """Triton 3.x emits int8 mma only from sm_80 (Turing compiles fail): sm_75 uses torch._int_mm."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+def int_mm_probe(device: torch.device) -> tuple[bool, str]:
+    """(torch._int_mm runs exactly on this GPU, why not). NVIDIA: cuBLASLt's int8 GEMM needs sm_75+. ROCm:
+    it depends on the build and the gfx target, so one small product is checked against the exact one."""
+    if not getattr(torch.version, "hip", None):
+        ok = torch.cuda.get_device_capability(device) >= (7, 5)
+        return ok, "" if ok else "torch._int_mm needs sm_75+ (int8 tensor cores)"
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=gen)
+        w = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=gen)
+        got = torch._int_mm(a.to(device), w.to(device).t()).cpu()
+    except Exception as exc:
+        return False, f"torch._int_mm fails here ({type(exc).__name__}: {str(exc)[:120]})"
+    if not torch.equal(got.long(), a.long() @ w.long().t()):
+        return False, "torch._int_mm gives a wrong product here"
+    return True, ""
+
+
+def device_facts(device: torch.device) -> DeviceFacts:
+    """What decides the route, read from torch, Triton and comfy-kitchen (tests simulate devices by
+    monkeypatching torch.version.hip and torch.cuda)."""
+    if device.type != "cuda":
+        return DeviceFacts(device.type)
+    rocm = bool(getattr(torch.version, "hip", None))
+    cap = tuple(torch.cuda.get_device_capability(device))
+    hip = (False, "")
+    if rocm:
+        from . import ck_hip
+        hip = ck_hip.int8_linear_status()
+    return DeviceFacts("cuda", rocm, cap, _device_name(device, cap, rocm), triton_status(), hip,
+                       int_mm_probe(device))
+
+
+def _key(device: torch.device) -> tuple:
+    index = device.index
+    if device.type == "cuda" and index is None:
+        try:
+            index = torch.cuda.current_device()
+        except Exception:
+            index = 0
+    return device.type, index
+
+
+@functools.lru_cache(maxsize=None)
+def _route(key: tuple) -> Route:
+    device = torch.device(key[0]) if key[1] is None else torch.device(*key)
+    r = decide(device_facts(device))
+    log.info("INT8 ConvRot: %s", r.describe(f"INT8 layers on {device}"))   # once per device (cached)
+    return r
+
+
+def route(device: torch.device) -> Route:
+    """Who computes W8A8 on `device` and why (kernels/routing.py), decided once per device."""
+    return _route(_key(torch.device(device)))
+
+
+route.cache_clear = _route.cache_clear
 
 
 def select_gemm_backend(device: torch.device) -> str:
     forced = forced_backend()
     if forced is not None:
         return forced
-    if device.type == "cuda":
-        return "triton" if triton_status()[0] and triton_int8_mma(device) else "int_mm"
     if device.type == "cpu":
         return "cpu"
-    return "reference"
+    return route(device).w8a8 or "reference"

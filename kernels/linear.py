@@ -34,18 +34,18 @@ ROTATE_QUANT_ELEMENTS = 1 << 19
 def resolve_mode(mode: str, x: torch.Tensor, tokens: int) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown INT8 compute mode {mode!r}; choose one of {MODES}")
-    if mode != "auto":
+    if mode == "w8a16" or (mode == "w8a8" and (x.device.type == "cpu" or backends.forced_backend() is not None)):
         return mode
+    if mode == "w8a8":   # asked for, but this device has no W8A8 route: W8A16 (its log line said why once)
+        return "w8a8" if backends.route(x.device).w8a8 else "w8a16"
     if tokens < W8A8_MIN_TOKENS:
         return "w8a16"
-    if x.device.type == "cuda":
-        return "w8a8" if backends.int8_tensor_cores(x.device) else "w8a16"
     if x.device.type == "cpu":
         if backends.forced_backend() is not None:  # a forced backend is what the caller wants measured
             return "w8a8"
         from .cpu_int8_gemm import fast_backend_available
         return "w8a8" if fast_backend_available() else "w8a16"
-    return "w8a16"
+    return "w8a8" if backends.route(x.device).w8a8 else "w8a16"
 
 
 def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size) -> None:
@@ -120,6 +120,14 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
             raise ValueError("a fused LoRA needs the Triton backend (check fuses_lora first)")
         from .triton import linear_lora
         return linear_lora(x2.contiguous(), codes, sw, bias, group_size, out_dtype, *lora)
+    if backend == "ck_hip":   # AMD: comfy-kitchen's HIP kernels; a call they decline runs the route's fallback
+        from . import ck_hip
+        y = ck_hip.int8_linear(x2, codes, sw, bias, group_size, out_dtype)
+        if y is not None:
+            return y
+        backend = backends.route(x2.device).fallback
+        if backend is None:
+            return linear_w8a16(x2, codes, scale, bias, group_size, out_dtype)
     if backend == "triton":
         from .triton import int8_gemm_rescale, rotate_quantize
         qx, sx = rotate_quantize(x2, group_size)

@@ -71,6 +71,15 @@ def _version() -> str:
         return "(unknown version)"
 
 
+def _compute_device() -> torch.device:
+    """The device ComfyUI computes on (MPS, XPU, DirectML's privateuseone, a ROCm or CUDA GPU, the CPU)."""
+    try:
+        import comfy.model_management as mm
+        return torch.device(mm.get_torch_device())
+    except Exception:
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _probe_kwargs(device: torch.device, group: int) -> dict:
     """A representative stock-loader call (a Z-Image Linear, 1k tokens) for asking the registry."""
     x = torch.empty((1024, 256), dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
@@ -100,6 +109,8 @@ def _who_serves(registry) -> dict:
                 ok, reason = ck_backend.cuda_ok(dev)
                 why = reason if not ok else ("comfy-kitchen's own kernel is kept at group 256"
                                              if g == 256 else "")
+                if not ok and name == "hip":
+                    why = f"{reason}; the pack's backend is not measured faster there, so it never shadows it"
             out[f"{dev.type} g{g}"] = {"backend": name, "why": why}
     return out
 
@@ -126,6 +137,15 @@ def install(force: bool = False) -> dict:
                           reason=f"{ENV}=0: comfy-kitchen's own backends serve INT8 (the pack's backend is off)")
             log.info("INT8 ConvRot: %s", _state["reason"])
             return dict(_state)
+        device = _compute_device()
+        if device.type not in ("cpu", "cuda"):
+            from ..kernels import backends
+            _state.update(registered=False, enabled=False, serves={},
+                          reason=f"ComfyUI computes on {device.type}, where the pack has no INT8 kernels, so its "
+                                 "backend never registers: comfy-kitchen's own backends serve native INT8 "
+                                 f"(the pack's loaders there: {backends.route(device).describe(device.type)})")
+            log.info("INT8 ConvRot: comfy-kitchen backend not registered: %s", _state["reason"])
+            return dict(_state)
         native, why = native_int8()
         ck, registry = _kitchen() if native else (None, why)
         if ck is None:
@@ -146,7 +166,8 @@ def install(force: bool = False) -> dict:
         serves = _who_serves(registry)
         _state.update(registered=True, enabled=True, serves=serves,
                       reason=f"registered with comfy-kitchen {_version()} ahead of {priority[1:]}; it takes only "
-                             "the calls it serves faster (CPU: measured; CUDA sm80+ Triton, group <= 64: by design)")
+                             "the calls it serves faster (CPU: measured; NVIDIA sm_80/86/89/90 Triton, group <= 64: by design; "
+                             "never a call on AMD/ROCm, which comfy-kitchen's HIP backend or its others keep)")
         log.info("INT8 ConvRot: comfy-kitchen int8_linear served by %s, because the pack's backend is %s "
                  "(switch: %s=0 or the INT8 ConvRot setting)", _summary(serves), _state["reason"], ENV)
         return dict(_state)

@@ -195,16 +195,21 @@ def test_disabled_backend_restores_stock(registered):
     assert registered.get_capable_backend("int8_linear", linear_kwargs()) == ck_backend.NAME
 
 
-@pytest.mark.parametrize("triton_ok,mma,group,ours", [
-    (True, True, 64, True), (True, True, 16, True), (True, True, 256, False),
-    (True, False, 64, False), (False, True, 64, False),
+@pytest.mark.parametrize("rocm,cap,triton_ok,group,ours", [
+    (False, (8, 6), True, 64, True), (False, (8, 6), True, 16, True), (False, (8, 6), True, 256, False),
+    (False, (7, 5), True, 64, False), (False, (8, 6), False, 64, False), (False, (12, 0), True, 64, False),
+    (True, (11, 0), True, 64, False), (True, (9, 4), True, 16, False), (True, (12, 0), True, 64, False),
 ])
-def test_cuda_rule(monkeypatch, triton_ok, mma, group, ours):
-    """CUDA: ours only with Triton on sm80+ and group <= 64 (checked without a GPU: the rule reads the device)."""
+def test_gpu_rule(monkeypatch, rocm, cap, triton_ok, group, ours):
+    """GPU calls: ours only where the routing runs our Triton (NVIDIA sm_80/86/89/90) and group <= 64; never on
+    ROCm, whose calls stay with comfy-kitchen's HIP backend or its others (simulated GPUs: device_sim)."""
+    import device_sim
+    device_sim.gpu(monkeypatch, cap, rocm=rocm, triton_ok=triton_ok)
+    device_sim.int_mm(monkeypatch, True)
     monkeypatch.setattr(ck_backend.backends, "triton_status", lambda: (triton_ok, "stub"))
-    monkeypatch.setattr(ck_backend.backends, "triton_int8_mma", lambda device: mma)
     x = types.SimpleNamespace(device=torch.device("cuda", 0))
     assert (ck_backend._device_rule(x, group, linear=True) is None) == ours
+    ck_backend.backends.route.cache_clear()
 
 
 # -- the CPU prepack cache ---------------------------------------------------------------------------
