@@ -209,3 +209,74 @@ def test_no_native_int8_is_a_logged_noop(reinstall, caplog):
                for r in caplog.records)
     from comfyui_int8_convrot.nodes import ck_registration
     assert "comfy-kitchen's own backends" in ck_registration.badge_text()
+
+
+# -- devices the pack's backend does not serve (simulated: no such GPU here) ----------------------------
+
+@pytest.mark.parametrize("dev", ["mps", "xpu", "privateuseone"])
+def test_never_registers_on_mps_xpu_directml(reinstall, monkeypatch, caplog, dev):
+    import comfy.model_management as mm
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device(dev))
+    with caplog.at_level(logging.INFO):
+        st = reinstall()
+    assert not st["registered"] and f"computes on {dev}" in st["reason"] and "W8A16" in st["reason"]
+    assert any("not registered" in r.getMessage() and dev in r.getMessage() for r in caplog.records)
+    from comfyui_int8_convrot.nodes import ck_registration
+    assert "comfy-kitchen's own backends" in ck_registration.badge_text()
+    try:
+        from comfy_kitchen.registry import registry
+    except Exception:
+        return
+    assert "int8_convrot" not in registry._priority
+
+
+def _fake_probe(real):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def probe(device, group):
+        if device.type == "cpu":
+            return real(device, group)
+        with FakeTensorMode(allow_non_fake_inputs=True):   # a tensor "on the GPU" without one
+            return real(device, group)
+    return probe
+
+
+@needs_native
+@pytest.mark.parametrize("cap,wmma,gpu_backend", [((11, 0), True, "hip"), ((12, 0), True, "hip"),
+                                                  ((9, 4), None, None)])
+def test_rocm_gpu_calls_stay_with_kitchen(reinstall, reg, monkeypatch, caplog, cap, wmma, gpu_backend):
+    """Simulated ROCm GPU, comfy-kitchen's real registry with its real HIP constraints (RDNA3/RDNA4) or the
+    manifest refusal (MI300): the pack's backend registers for the CPU calls only; every GPU call goes where
+    comfy-kitchen sends it without the pack, and the log and badge say so."""
+    pytest.importorskip("comfy_kitchen.backends.hip", reason="this comfy-kitchen has no HIP backend")
+    import device_sim
+    from comfy_kitchen.registry import registry
+    from comfyui_int8_convrot.kernels import ck_backend
+    import comfy.model_management as mm
+    device_sim.gpu(monkeypatch, cap, rocm=True)
+    device_sim.int_mm(monkeypatch, True)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(reg, "_probe_kwargs", _fake_probe(reg._probe_kwargs))
+    sim = device_sim.KitchenHip(registry)
+    try:
+        if wmma is None:
+            sim.unavailable("architecture is not in the validated target manifest: gfx942")
+        else:
+            sim.register(wmma=wmma)
+        without = {g: registry.get_capable_backend("int8_linear", reg._probe_kwargs(torch.device("cuda", 0), g))
+                   for g in (64, 256)}
+        with caplog.at_level(logging.INFO):
+            st = reinstall()
+        assert st["registered"] and registry._priority[0] == ck_backend.NAME
+        assert st["serves"]["cpu g64"]["backend"] == ck_backend.NAME
+        for g in (64, 256):
+            got = st["serves"][f"cuda g{g}"]
+            assert got["backend"] == without[g] != ck_backend.NAME
+            assert "compiled and checked for NVIDIA" in got["why"]
+            if gpu_backend:
+                assert got["backend"] == gpu_backend and "never shadows" in got["why"]
+        line = next(r.getMessage() for r in caplog.records if "served by" in r.getMessage())
+        assert "never a call on AMD/ROCm" in line and f"cuda: {without[64]}" in line
+        assert f"cuda: {without[64]}" in reg.badge_text()
+    finally:
+        sim.restore()
