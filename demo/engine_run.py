@@ -5,6 +5,7 @@ file on this device (float32 on CPU, bf16 on CUDA) against INT8 ConvRot W8A16 an
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,8 @@ class LayerRow:
     name: str
     kind: str
     shape: tuple[int, int]
-    ref_seconds: float
-    seconds: dict[str, float]
+    wall: dict          # None (the bf16 file) or a mode -> seconds of wall clock
+    cpu: dict           # the same in this process's CPU seconds (all threads)
     rel_error: dict[str, float]
 
 
@@ -50,9 +51,16 @@ class EngineReport:
     ref_weight_bytes: int = 0     # the quantized layers' weights as the bf16 file's compute holds them
     int8_weight_bytes: int = 0    # the same layers as INT8 codes + float32 row scales
     layers: list[LayerRow] = field(default_factory=list)
+    # "wall", or "CPU" when other work shared the CPU while measuring: wall-clock ratios then say more
+    # about the neighbours than about the kernels, while CPU seconds are what each path consumed.
+    clock: str = "wall"
+    load: float = 0.0
+
+    def seconds(self, row: LayerRow, mode: str | None) -> float:
+        return (row.wall if self.clock == "wall" else row.cpu)[mode]
 
     def total(self, mode: str | None) -> float:
-        return sum(r.ref_seconds if mode is None else r.seconds[mode] for r in self.layers)
+        return sum(self.seconds(r, mode) for r in self.layers)
 
     def mean_error(self, mode: str) -> float:
         return sum(r.rel_error[mode] for r in self.layers) / len(self.layers)
@@ -75,13 +83,22 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, float]:
+def _timed(fn, x: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, float, float]:
+    """(output, wall seconds, process CPU seconds) of one call after an untimed small one."""
     fn(x[:WARMUP_TOKENS])
     _sync(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     y = fn(x)
     _sync(dev)
-    return y, time.perf_counter() - t0
+    return y, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _busy_load(dev: torch.device) -> float:
+    """The 1-minute load average when it says other work shared this CPU, else 0."""
+    if dev.type != "cpu" or not hasattr(os, "getloadavg"):
+        return 0.0
+    load = os.getloadavg()[0]
+    return load if load > (os.cpu_count() or 1) + 0.5 else 0.0
 
 
 def build_and_convert(tmp: Path, shape: ZImageShape, group_size: int, seed: int, out) -> tuple[Path, Path, float]:
@@ -120,26 +137,31 @@ def run_engine(tmp: Path, *, shape: ZImageShape = DEMO_SHAPE, image_size: int = 
             codes, scale = fq.get_tensor(f"{name}.weight"), fq.get_tensor(name + SCALE_SUFFIX)
             x = torch.randn(tokens, w.shape[1], generator=gen).to(dev, ref_dtype)
             wf = w.to(dev, ref_dtype)
-            ref, t_ref = _timed(lambda a: F.linear(a, wf), x, dev)
+            ref, w_ref, c_ref = _timed(lambda a: F.linear(a, wf), x, dev)
             rep.ref_weight_bytes += wf.numel() * wf.element_size()
             rep.int8_weight_bytes += codes.numel() * codes.element_size() + scale.numel() * 4
             del wf
-            secs, errs = {}, {}
+            wall, cpu, errs = {None: w_ref}, {None: c_ref}, {}
             for mode in MODES:
                 lin = Int8Linear(codes.to(dev), scale.to(dev), None, group_size, mode)
-                y, secs[mode] = _timed(lin, x, dev)
+                y, wall[mode], cpu[mode] = _timed(lin, x, dev)
                 errs[mode] = relative_error(y, ref)
                 del lin, y
-            rep.layers.append(LayerRow(name, layer_kind(name), tuple(w.shape), t_ref, secs, errs))
-            out(f"  [{i + 1}/{len(names)}] {name} {tuple(w.shape)}: {rep.ref_dtype} {t_ref:.2f} s, "
-                + ", ".join(f"{m} {secs[m]:.2f} s ({errs[m] * 100:.2f}%)" for m in MODES))
+            rep.layers.append(LayerRow(name, layer_kind(name), tuple(w.shape), wall, cpu, errs))
+            out(f"  [{i + 1}/{len(names)}] {name} {tuple(w.shape)}: {rep.ref_dtype} {w_ref:.2f} s, "
+                + ", ".join(f"{m} {wall[m]:.2f} s ({errs[m] * 100:.2f}%)" for m in MODES) + " (wall)")
+            rep.load = max(rep.load, _busy_load(dev))
+    if rep.load:
+        rep.clock = "CPU"
+        out(f"load average {rep.load:.1f} on {os.cpu_count()} CPUs while measuring: other work shared the CPU, so "
+            f"the report compares CPU seconds (what each path consumed), not wall clock")
     return rep
 
 
 def format_table(rep: EngineReport) -> list[str]:
     lines = [f"{len(rep.layers)} quantized Linears, {rep.tokens} tokens each ({rep.image_size}x{rep.image_size} image "
              f"+ {rep.tokens - (rep.image_size // 16) ** 2} caption), on {rep.device}",
-             f"{'':<26}{'time s':>9}{'speed-up':>10}{'weights MiB':>13}{'mean rel. err':>15}{'worst':>9}",
+             f"{'':<26}{rep.clock + ' s':>9}{'speed-up':>10}{'weights MiB':>13}{'mean rel. err':>15}{'worst':>9}",
              f"{'bf16 file (' + rep.ref_dtype + ' compute)':<26}{rep.total(None):>9.2f}{1:>9.2f}x"
              f"{rep.ref_weight_bytes / 2**20:>13.0f}{'0 (reference)':>15}"]
     for m in MODES:

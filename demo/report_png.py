@@ -91,7 +91,7 @@ def draw_report(rep: EngineReport, machine: str) -> Image.Image:
     cw = (WIDTH - 2 * MARGIN - 2 * 20) / 3
     cards = [
         ("speed, all quantized Linears", _ratio(rep.total(None), rep.total(best)),
-         f"{_name(best)}: {rep.total(best):.1f} s vs {rep.total(None):.1f} s", GOOD if speed >= 1 else BAD),
+         f"{_name(best)}: {rep.total(best):.1f} s vs {rep.total(None):.1f} s ({rep.clock} time)", GOOD if speed >= 1 else BAD),
         ("weight memory of those Linears", f"{rep.ref_weight_bytes / rep.int8_weight_bytes:.1f}x less",
          f"{rep.int8_weight_bytes / 2**20:.0f} MiB INT8 vs {rep.ref_weight_bytes / 2**20:.0f} MiB {rep.ref_dtype}", GOOD),
         ("error against bf16 (mean / worst)", f"{rep.mean_error('w8a8') * 100:.1f}% / "
@@ -104,14 +104,16 @@ def draw_report(rep: EngineReport, machine: str) -> Image.Image:
     y = 210
     time_rows = []
     for r in rep.layers + [None]:
-        ref = r.ref_seconds if r else rep.total(None)
+        ref = rep.seconds(r, None) if r else rep.total(None)
         label = f"{r.name.split('.', 2)[-1]}  {r.shape[0]}x{r.shape[1]}" if r else "all quantized Linears"
         bars = [(None, ref, f"{ref:.2f} s")]
         for m in MODES:
-            s = r.seconds[m] if r else rep.total(m)
+            s = rep.seconds(r, m) if r else rep.total(m)
             bars.append((m, s, f"{s:.2f} s  ({_ratio(ref, s)})"))
         time_rows.append((label, bars))
-    y = _bars(d, y, f"Time per Linear at {rep.tokens} tokens (shorter is faster)", time_rows)
+    clock = "wall-clock time" if rep.clock == "wall" else (
+        f"CPU time (the machine was busy, load {rep.load:.0f}: wall clock would measure the neighbours)")
+    y = _bars(d, y, f"Time per Linear at {rep.tokens} tokens, {clock} (shorter is faster)", time_rows)
     err_rows = [(f"{r.name.split('.', 2)[-1]}", [(m, r.rel_error[m], f"{r.rel_error[m] * 100:.2f}%") for m in MODES])
                 for r in rep.layers]
     y = _bars(d, y, "Relative error of each Linear's output against the bf16 file's (|y - y_bf16| / |y_bf16|)",
