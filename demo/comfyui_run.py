@@ -4,23 +4,34 @@ streaming converter, then one DiT forward each on the same seeded latent/conditi
 through ComfyUI's stock loader, the INT8 file through the stock loader where this ComfyUI reads INT8
 ConvRot natively, and through the INT8 ConvRot UNET Loader in each compute mode.
 
-It sits above the nodes (it imports them); the engine-only run is `engine.model_demo`.
+It sits above the nodes (it imports them); the engine-only half is `demo.engine_run`.
 """
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .engine.model_demo import convert, cosine, peak_rss_gb, write_source
-from .engine.quality import relative_error
-from .engine.synthetic import ZImageShape
-from .kernels.backends import cpu_has_amx
+import torch.nn.functional as F
+
+from ..engine.quality import relative_error
+from ..engine.synthetic import ZImageShape
+from ..kernels.backends import cpu_has_amx
+from .engine_run import build_and_convert
 
 # Up to this many tokens the demo also times comfy-kitchen's own CPU path (without the pack's kernels).
 CPU_STOCK_TOKENS = 64
+
+
+def cosine(ref: torch.Tensor, y: torch.Tensor) -> float:
+    return F.cosine_similarity(ref.double().flatten(), y.double().flatten(), dim=0).item()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _setup_comfyui(path: Path, device: str):
@@ -39,18 +50,11 @@ def run_comfyui_demo(path, tmp, *, n_layers: int = 0, image_size: int = 256, cap
     """Convert the full-width built-in model in `tmp` and run it in the ComfyUI tree at `path`."""
     mm = _setup_comfyui(Path(path), device)
     import comfy.sd
-    from .nodes.loaders import load_unet
-    from .nodes.native import has_native_int8
+    from ..nodes.loaders import load_unet
+    from ..nodes.native import has_native_int8
 
     shape = ZImageShape(n_layers=n_layers)
-    src, dst = tmp / "zimage_bf16.safetensors", tmp / "zimage_int8_convrot.safetensors"
-    t0 = time.perf_counter()
-    write_source(src, shape, seed)
-    out(f"built-in model: Z-Image layout, dim {shape.dim}, FFN {shape.ffn}, {shape.n_layers} main + "
-        f"{2 * shape.n_refiner} refiner blocks, {src.stat().st_size / 2**30:.2f} GiB bf16 "
-        f"({time.perf_counter() - t0:.1f} s)")
-    convert(src, dst, group_size, out)
-    out(f"INT8 ConvRot file: {dst.stat().st_size / 2**30:.2f} GiB ({dst.stat().st_size / src.stat().st_size:.2f}x)")
+    src, dst, _ = build_and_convert(Path(tmp), shape, group_size, seed, out)
 
     gen = torch.Generator().manual_seed(seed + 1)
     lat = image_size // 8
@@ -88,7 +92,7 @@ def run_comfyui_demo(path, tmp, *, n_layers: int = 0, image_size: int = 256, cap
     if has_native_int8():
         # What this ComfyUI does with the same file by itself (its stock loader, native INT8 on comfy-kitchen's
         # own kernels), and the same with the pack's comfy-kitchen backend serving it.
-        from .nodes import ck_registration
+        from ..nodes import ck_registration
         registered = ck_registration.state()["registered"]
         tokens = (image_size // 16) ** 2 + cap_tokens
         for label, pack in (("INT8 file, stock loader", False), ("stock loader + pack kernels", True)):
