@@ -15,6 +15,8 @@ How it cooperates with ComfyUI's model management (0.8.0's comfy/ops.py and mode
   3. anything else (LoHa, LoKr, DoRA, diffs, model merges, `force_patch_weights` for saving)
      goes through ComfyUI's own `convert_weight` → `calculate_weight` → `set_weight`: the weight is
      dequantized in float32, patched, and stored densely in the layer's dtype.
+  Saving (0.29+ reads `model_state_dict_for_saving` instead of loading with `force_patch_weights`): a
+  patched quantized layer is written as its folded dense weight, lazily, an unpatched one as its codes.
   Unpatching reassigns the original codes tensor (`ModelPatcher.backup`), which clears every
   derived state here (low-rank terms, dense weight, CPU prepack): the codes come back bit for bit.
 """
@@ -64,6 +66,7 @@ def load_context(path=None, on_layer=None):
 
 _Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])  # ModelPatcher.backup's record type
 _FLOAT_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
+_MISSING = object()
 
 
 def _run_every_op():
@@ -247,6 +250,10 @@ class Int8ConvRotLinear(_Int8Weight, comfy.ops.manual_cast.Linear):
     """manual_cast.Linear that can hold an INT8 ConvRot layer (see the module docstring)."""
 
     compute_mode = "auto"
+    # ComfyUI ≥ 0.36's comfy.ops.linear_input_act casts a non-QuantizedTensor Linear's weight itself for its
+    # fp16-accumulation GEMM (fp16 CUDA activations with --fast fp16_accumulation), which would read our
+    # int8 codes as plain numbers; this flag sends it to our forward instead (its "full precision" route).
+    _full_precision_mm = True
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
         torch.nn.Module.__init__(self)
@@ -452,8 +459,11 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
         finally:
             self._fold_patches = False
 
-    def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-        if key in self.patches and key.endswith(".weight") and not self._fold_patches:
+    def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
+        # kwargs: 0.29+ adds return_weight (the patched weight for saving, nothing stored or backed up)
+        # and force_cast; both go to ComfyUI's own path, which folds our patches densely.
+        if key in self.patches and key.endswith(".weight") and not self._fold_patches \
+                and not kwargs.get("return_weight"):
             module = comfy.utils.get_attr(self.model, key[: -len(".weight")])
             if isinstance(module, Int8ConvRotLinear) and module.is_quantized:
                 terms = lowrank_terms(self.patches[key], module.out_features)
@@ -462,7 +472,42 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
                         self.backup[key] = _Backup(module.weight, False)
                     module.set_lowrank(terms, device_to)
                     return
-        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update)
+        return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update, **kwargs)
+
+    def model_state_dict_for_saving(self, model=None, prefix=""):
+        """The state dict ComfyUI 0.29+ saves (save_checkpoint loads the model without force_patch_weights,
+        then reads this): a quantized layer with patches is saved as its folded dense weight (no scale, no
+        comfy_quant), computed lazily when the file is written; an unpatched one keeps its int8 codes.
+        ComfyUI's own lazy cast would wrap the int8 codes in a Parameter (impossible for integers) and
+        would save codes with the LoRA left out, as our patches live beside the codes."""
+        model = self.model if model is None else model
+        ours = [(n, m) for n, m in model.named_modules() if isinstance(m, _Int8Weight) and m.is_quantized]
+        marked = []
+        for _, m in ours:   # ComfyUI leaves modules it sees as patched alone: ours are handled below
+            if getattr(m, "comfy_patched_weights", False) is not True:
+                marked.append((m, m.__dict__.get("comfy_patched_weights", _MISSING)))
+                m.comfy_patched_weights = True
+        try:
+            sd = super().model_state_dict_for_saving(model, prefix)
+        finally:
+            for m, old in marked:
+                if old is _MISSING:
+                    del m.comfy_patched_weights
+                else:
+                    m.comfy_patched_weights = old
+        was_marked = {id(m) for m, _ in marked}
+        for name, m in ours:
+            key = f"{name}.weight" if name else "weight"
+            if prefix + key in self.patches:
+                sd[key] = comfy.model_patcher.LazyCastingParam(
+                    self, prefix + key, torch.empty(m.weight.shape, dtype=m.dense_dtype, device="meta"))
+                for extra in ("weight_scale", "comfy_quant"):
+                    sd.pop(key[: -len("weight")] + extra, None)
+            bias_key = key[: -len("weight")] + "bias"
+            if id(m) in was_marked and prefix + bias_key in self.patches and bias_key in sd:
+                sd[bias_key] = self.patch_weight_to_device(prefix + bias_key, device_to=self.load_device,
+                                                           return_weight=True)
+        return sd
 
 
 def count_quantized(model: torch.nn.Module) -> tuple[int, int]:

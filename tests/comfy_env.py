@@ -190,7 +190,10 @@ def free_port() -> int:
 class ComfyServer:
     """`python main.py --cpu` with its own base directory; the pack as custom_nodes/ComfyUI-INT8-ConvRot."""
 
-    def __init__(self, base: Path, comfy: Path | None = None, port: int | None = None):
+    def __init__(self, base: Path, comfy: Path | None = None, port: int | None = None,
+                 launcher: list[str] | None = None, env: dict | None = None):
+        self.launcher = launcher or [sys.executable]   # what runs main.py (tests/declared_env.py wraps it)
+        self.env = env if env is not None else dict(os.environ)
         self.comfy = comfy or comfyui_path()
         self.base = Path(base)
         self.port = port or free_port()
@@ -210,10 +213,10 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 300.0) -> "ComfyServer":
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [*self.launcher, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--dont-print-server", "--disable-api-nodes",
                "--base-directory", str(self.base)]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.env, PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout

@@ -1,0 +1,50 @@
+"""The pack loads in a ComfyUI whose environment holds only ComfyUI's requirements plus what the pack
+declares in the file ComfyUI-Manager reads (requirements.txt): a real server, nodes checked through
+/object_info. How the environment is narrowed to that (and why it is equivalent to a fresh venv built
+from the two files) is in tests/declared_env.py."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import comfy_env
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.server, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_NODES = {"Int8ConvRotUNETLoader", "Int8ConvRotCLIPLoader", "Int8ConvRotConverter", "Int8ConvRotSaveModel",
+              "Int8ConvRotInspect"}
+
+
+def test_manager_requirements_do_not_touch_torch():
+    from packaging.requirements import Requirement
+    import declared_env
+    names = {Requirement(line).name.lower() for line in declared_env._requirement_lines(REPO / "requirements.txt")}
+    assert names and not names & {"torch", "torchvision", "torchaudio", "triton", "triton-windows"}
+
+
+def test_pack_loads_with_only_declared_requirements(tmp_path):
+    import declared_env
+    comfy = comfy_env.comfyui_path()
+    blocked = declared_env.blocked_modules([comfy / "requirements.txt", REPO / "requirements.txt"],
+                                           extra_blocked=("comfyui_int8_convrot",))
+    # The narrowing is real in this venv: the test tools and the pack's own install are out of reach.
+    assert {"pytest", "convert_to_quant", "comfyui_int8_convrot"} <= set(blocked)
+    (tmp_path / "blocked.json").write_text(json.dumps(blocked))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # nothing beside the venv
+    srv = comfy_env.ComfyServer(tmp_path / "base", launcher=[
+        sys.executable, str(Path(declared_env.__file__)), str(tmp_path / "blocked.json")], env=env)
+    (srv.base / "custom_nodes" / "int8_convrot_test_nodes").unlink()   # a user has only the pack
+    srv.start()
+    try:
+        info = srv.get("/object_info", timeout=120)
+        log = srv.log_tail(200_000)
+    finally:
+        srv.stop()
+    assert "undeclared top-level modules blocked" in log
+    assert "IMPORT FAILED" not in log, log[-4000:]
+    assert PACK_NODES <= set(info), sorted(PACK_NODES - set(info))
