@@ -35,6 +35,14 @@ def resolve(value: str) -> str:
     return folder_paths.get_full_path_or_raise(folder, name)
 
 
+def from_file_name(name: str) -> str:
+    """'folder/name' for a bare file name from the Converter, found in the first folder that lists it."""
+    for folder in FOLDERS:
+        if name in folder_paths.get_filename_list(folder):
+            return f"{folder}/{name}"
+    raise Int8ConvRotError(f"{name!r} is in none of {', '.join(FOLDERS)}")
+
+
 def image_tensor(img) -> torch.Tensor:
     """A PIL image as a ComfyUI IMAGE batch of one: float32 [1, H, W, 3] in 0..1."""
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
@@ -72,6 +80,10 @@ class Int8ConvRotInspect(io.ComfyNode):
                                        "both files)."),
                 io.Model.Input("model", optional=True,
                                tooltip="A MODEL from INT8 ConvRot UNET Loader; inspected when file is 'none'."),
+                io.String.Input("file_name", optional=True, force_input=True,
+                                tooltip="A file name as the Converter's file_name output gives it (looked up in "
+                                        "diffusion_models, then text_encoders); when connected it replaces 'file', "
+                                        "so a graph can convert and then inspect the new file."),
                 io.Int.Input("tokens", default=64, min=1, max=4096, optional=True,
                              tooltip="Random activation rows per layer for the output error (with a source)."),
                 io.Combo.Input("compute", options=MODES, default="w8a8", optional=True,
@@ -87,7 +99,8 @@ class Int8ConvRotInspect(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, file=NONE, bf16_source=NONE, **kwargs):
-        """Re-run when a chosen file changes on disk under the same name."""
+        """Re-run when a chosen file changes on disk under the same name (a connected file_name comes from
+        a Converter upstream, whose own re-run re-runs this node)."""
         out = []
         for value in (file, bf16_source):
             try:
@@ -98,7 +111,10 @@ class Int8ConvRotInspect(io.ComfyNode):
         return tuple(out)
 
     @classmethod
-    def execute(cls, file=NONE, bf16_source=NONE, model=None, tokens=64, compute="w8a8", seed=0) -> io.NodeOutput:
+    def execute(cls, file=NONE, bf16_source=NONE, model=None, tokens=64, compute="w8a8", seed=0,
+                file_name=None) -> io.NodeOutput:
+        if file_name:
+            file = from_file_name(file_name)
         progress = _Progress()
         source = SourceWeights(resolve(bf16_source)) if bf16_source and bf16_source != NONE else None
         try:
