@@ -21,9 +21,23 @@ declare -A STACKS=(
 ORDER=(host new old)
 # The pack's test deps, without ComfyUI's; the pack itself is imported from this checkout (.cache/stacks/pp).
 DEPS="pytest safetensors einops tqdm packaging scipy requests convert-to-quant==1.3.4 comfy-kitchen"
-TESTS=(tests/kernels tests/engine)
-# The compile check runs as bench/aot_check.py below (its count goes on the line), not a second time in pytest.
-DESELECT=(--deselect tests/kernels/test_aot_compile.py)
+# What runs where, so the matrix catches what differs between stacks (Triton's interpreter with numpy >= 2.4
+# before 3.7, Triton 3.3's autotuner without a driver, dynamo's graph breaks before torch 2.14, spills per
+# Triton version) within CI's 45 minutes: every stack runs the interpreter kernel tests with the fallback off,
+# the torch.compile test, the layering test and gpu_check.sh --dry's GPU tier; the GPU host stack, the one
+# users' cloud GPUs run, also runs the rest of the kernel and engine tests (no ComfyUI).
+FOCUSED="tests/kernels/test_triton_kernels.py tests/kernels/test_triton_lora.py tests/kernels/test_triton_fallback.py
+         tests/kernels/test_compile_layer.py tests/test_layering.py"
+declare -A TESTS=(
+  [host]="tests/kernels tests/engine tests/test_layering.py"
+  [new]="$FOCUSED"
+  [old]="$FOCUSED"
+)
+# Not here: the compile check runs as bench/aot_check.py below (its count goes on the line), the --dry GPU
+# tier runs as its own pytest (INT8_CONVROT_GPU_DRY=1 un-skips every gpu test), gpu_check.sh's own test runs
+# the benches too (minutes; the default stack runs it).
+DESELECT=(--deselect tests/kernels/test_aot_compile.py::test_every_launchable_variant_compiles_for_sm80_to_sm90_without_spills
+          --deselect tests/kernels/test_gpu_check_dry.py::test_dry_run_passes_and_appends_its_section)
 
 find_py312() {
   local c
@@ -62,6 +76,17 @@ build() {  # build NAME: the venv with that stack's pins, idempotent
   echo "$want" > "$venv/.stamp"
 }
 
+tier() {  # tier PY LOG ARGS...: one pytest run, its counts added to the caller's; pytest's exit status
+  local py="$1" log="$2" prc=0; shift 2
+  env -u COMFYUI_PATH PYTHONPATH="$cache/stacks/pp" INT8_CONVROT_TRITON_FALLBACK=0 \
+    "$py" -m pytest -q -p no:cacheprovider "$@" >>"$log" 2>&1 || prc=$?
+  local summary; summary="$(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' "$log" | tail -1)"
+  count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '[0-9]+' || echo 0; }
+  passed=$(( passed + $(count passed) )); failed=$(( failed + $(count failed) ))
+  skipped=$(( skipped + $(count skipped) )); errors=$(( errors + $(count error) ))
+  return "$prc"   # pytest exits 5 when it collected nothing: a failure like any other non-zero
+}
+
 run_stack() {  # run_stack NAME: prints the stack's one line, returns non-zero on any failure
   local name="$1" venv="$cache/stacks/$1" log="$cache/stacks/$1.log" t0; t0=$(date +%s)
   : > "$log"
@@ -71,16 +96,19 @@ run_stack() {  # run_stack NAME: prints the stack's one line, returns non-zero o
   local py="$venv/bin/python"
   local versions; versions="$("$py" -c 'import sys, torch, triton, numpy
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")')"
-  local rc=0 prc=0 arc=0
+  local rc=0 prc=0 arc=0 passed=0 failed=0 skipped=0 errors=0
   # No ComfyUI here (its tests skip), the fallback off (a kernel test must not pass on the torch path).
-  env -u COMFYUI_PATH PYTHONPATH="$cache/stacks/pp" INT8_CONVROT_TRITON_FALLBACK=0 \
-    "$py" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "${DESELECT[@]}" >>"$log" 2>&1 || prc=$?
-  local summary; summary="$(grep -E '^=*.*[0-9]+ (passed|failed|skipped|error|deselected)' "$log" | tail -1 | tr -d '=' | xargs)"
-  count() { echo "$summary" | grep -oE "[0-9]+ $1" | grep -oE '[0-9]+' || echo 0; }
-  local passed failed skipped errors
-  passed=$(count passed); failed=$(count failed); skipped=$(count skipped); errors=$(count error)
-  # pytest exits 5 when it collected nothing: a failure, not a pass.
+  # shellcheck disable=SC2086
+  tier "$py" "$log" ${TESTS[$name]} "${DESELECT[@]}" || prc=$?
+  INT8_CONVROT_GPU_DRY=1 tier "$py" "$log" -m gpu tests/kernels/test_gpu_kernels.py || prc=$?
   [ "$prc" = 0 ] || rc=1
+  local dry=""
+  if [ "$name" = host ]; then   # the device run's script, whole, on the stack it is meant for
+    local drc=0
+    env -u COMFYUI_PATH PYTHON="$py" bash bench/gpu_check.sh --dry >>"$log" 2>&1 || drc=$?
+    dry="; gpu_check.sh --dry exit $drc"
+    [ "$drc" = 0 ] || rc=1
+  fi
   env -u TRITON_INTERPRET PYTHONPATH="$cache/stacks/pp" "$py" bench/aot_check.py --jobs 2 \
     > "$log.aot" 2>&1 || arc=$?
   local variants fails
@@ -89,7 +117,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {trit
   [ "$arc" = 0 ] || rc=1
   local aot="compile check $fails failures of $variants variants"
   [ "$arc" = 0 ] || [ "$arc" = 1 ] || aot="compile check did not run (exit $arc: $(tail -1 "$log.aot"))"
-  echo "stack $name: $versions: $passed passed, $skipped skipped, $failed failed, $errors errors (pytest exit $prc);" \
+  echo "stack $name: $versions: $passed passed, $skipped skipped, $failed failed, $errors errors (pytest exit $prc)$dry;" \
        "$aot; $(( $(date +%s) - t0 )) s -> $([ "$rc" = 0 ] && echo OK || echo "FAILED (see $log, $log.aot)")"
   return "$rc"
 }
