@@ -83,9 +83,12 @@ def _gemm_configs(target: int, lora_rank: int = 0):
     return gemm_configs.configs_for((target // 10, target % 10), SMEM_LIMIT[target])
 
 
-def _rotate_params(target: int, m: int, group_size: int, dot: str):
+def _rotate_params(target: int, m: int, group_size: int, dot: str, rank: int = 0):
+    import inspect
     from comfyui_int8_convrot.kernels.triton import rotate_quant as R
     if hasattr(R, "launch_params"):
+        if "rank" in inspect.signature(R.launch_params).parameters:
+            return R.launch_params(m, group_size, dot, rank=rank)
         return R.launch_params(m, group_size, dot)
     block_m = 16 if (m <= 2048 or group_size >= 1024) else 32  # before launch_params existed
     return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
@@ -146,12 +149,13 @@ def variants(targets=TARGETS) -> list[Variant]:
                     ptrs = (("h_ptr", dot if g else "fp32"), ("x_ptr", dot))
                     out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages}", t,
                                        tuple(sorted(ce.items())), ptrs, warps, stages))
-                    if g == 64 and dot != "fp32" and _has_lora():   # the fused LoRA down-projection
-                        for rank in (16, 128, 256):
-                            ce = dict(ce, R=rank)
+                if g == 64 and dot != "fp32" and _has_lora():   # the fused LoRA down-projection
+                    for rank in (16, 128, 256):
+                        for bm, warps, stages in sorted({_rotate_params(t, m, g, dot, rank) for m in (2048, 4096)}):
+                            ce = dict(ROTATE=True, NSUB=1, BLOCK_M=bm, INTERPRET=False, R=rank)
                             out.append(Variant("rotate_quant", f"{dot} g={g} BLOCK_M={bm} w{warps} s{stages} "
                                                f"LoRA r{rank}", t, tuple(sorted(ce.items())),
-                                               ptrs + (("d_ptr", dot),), warps, stages))
+                                               (("h_ptr", dot), ("x_ptr", dot), ("d_ptr", dot)), warps, stages))
     return out
 
 
@@ -208,15 +212,19 @@ def compile_variant(v: Variant) -> Result:
         opts["enable_fp_fusion"] = fusion
     elif v.kernel == "gemm":
         opts["enable_fp_fusion"] = False  # what the GEMM wrapper passed before FP_FUSION existed
-    triton.knobs.nvidia.dump_ptxas_log = True
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn, sig, ce, attrs), target=GPUTarget("cuda", v.target, 32), options=opts)
+        # Triton < 3.4 has no triton.knobs and deletes ptxas's -v log: rerun the same ptxas on the same PTX.
+        text = log.getvalue() if knobs is not None else _ptxas_report(k.asm["ptx"], v.target,
+                                                                      opts.get("enable_fp_fusion", True))
     except Exception as exc:  # a failure to compile is a result, reported in the table
         msg = str(exc).strip().splitlines()
         return Result(v, False, error=(msg[0] if msg else type(exc).__name__)[:200], seconds=time.time() - t0)
-    text = log.getvalue()
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     ptx = k.asm["ptx"]
@@ -233,6 +241,37 @@ def compile_variant(v: Variant) -> Result:
     return Result(v, True, shared=int(k.metadata.shared), registers=max(regs, default=0), estimate=estimate,
                   spill_stores=sum(int(a) for a, _ in spills), spill_loads=sum(int(b) for _, b in spills),
                   mma=_short_mma(mma) or fma, seconds=time.time() - t0)
+
+
+def _ptxas_report(ptx: str, target: int, fp_fusion: bool) -> str:
+    """ptxas -v's register/spill report for this PTX, run as Triton's make_cubin runs it (bundled ptxas,
+    --fmad=false without fp fusion, sm_90a on Hopper): for Triton versions whose compile keeps no log."""
+    import subprocess
+    from triton.backends.nvidia import compiler as nv
+    ptxas = nv.get_ptxas(target)[0]
+    with tempfile.TemporaryDirectory(prefix="int8-convrot-ptxas-") as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [ptxas, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v",
+               f"--gpu-name={nv.sm_arch_from_capability(target)}", src, "-o", src + ".o"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return proc.stdout + proc.stderr
+
+
+def _refuse_unsupported() -> str | None:
+    """Why this Triton cannot be checked (None: it can). 3.3 lacks triton.knobs (3.4+): shimmed above."""
+    import triton
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.backends.nvidia import compiler as nv
+    except ImportError as exc:
+        return f"aot_check.py: Triton {triton.__version__} lacks what it needs ({exc}); Triton >= 3.3 is checked"
+    if not hasattr(triton, "knobs") and not (hasattr(nv, "get_ptxas") and hasattr(nv, "sm_arch_from_capability")):
+        return (f"aot_check.py: Triton {triton.__version__} has neither triton.knobs (3.4+) nor "
+                "backends.nvidia.compiler.get_ptxas/sm_arch_from_capability to report register spills")
+    return None
 
 
 def _short_mma(names: list[str]) -> str:
@@ -278,6 +317,13 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _mean_seconds(results: list[Result], target: int) -> float:
+    """Mean wall seconds to compile one variant (frontend + ptxas) for a target: what a GPU run pays per
+    kernel specialization it launches first (bench/gpu_check.sh estimates its compile time from it)."""
+    secs = [r.seconds for r in results if r.variant.target == target]
+    return sum(secs) / max(1, len(secs))
+
+
 def failures(results: list[Result]) -> list[str]:
     return [f"{r.variant.kernel} {r.variant.name} sm_{r.variant.target}: {p}" for r in results for p in r.problems()]
 
@@ -289,13 +335,18 @@ def main(argv=None) -> int:
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--title", default="AOT compile check")
     args = ap.parse_args(argv)
+    why = _refuse_unsupported()
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     t0 = time.time()
     results = run(tuple(args.targets), args.jobs)
     import triton
     bad = failures(results)
     text = table(results)
     summary = (f"- {len(results)} variants, Triton {triton.__version__} with its bundled ptxas, no GPU; "
-               f"{time.time() - t0:.0f} s with {args.jobs} jobs\n"
+               f"{time.time() - t0:.0f} s with {args.jobs} jobs; compile per variant "
+               + ", ".join(f"sm_{t} mean {_mean_seconds(results, t):.1f} s" for t in args.targets) + "\n"
                "- cell: shared memory per block, registers per thread, spill stores/loads (bytes per thread), "
                "MMA instruction in the PTX (`fma`: an FP32 FMA dot); **bold** fails the check\n"
                f"- shared-memory limits: " + ", ".join(f"sm_{t} {SMEM_LIMIT[t] // 1024} KB" for t in args.targets)

@@ -9,12 +9,63 @@
 #                                    writing to a scratch RESULTS file (CI runs this so the script cannot rot)
 # Environment: PYTHON (default: python), COMFYUI_PATH (bench/model.py and the dynamic-VRAM test need a ComfyUI;
 # skipped, saying so, without).
+#   bash bench/gpu_check.sh --prepare  (on a machine with network) puts pytest and its deps, ~4 MiB, in
+#                                    .cache/gpu-carry for a GPU host without them: carry that folder along
+# It serves Python >= 3.10, torch >= 2.7, Triton >= 3.3 (what scripts/stacks.sh tests), any numpy; it says at
+# the start which it found and refuses in one line otherwise. comfy-kitchen is optional (its steps skip).
+#
+# Time on an H100 (budget 8 minutes), estimated from measured compile times, not yet run on the device:
+# bench/aot_check.py compiles every variant the wrappers can launch on sm_90 (70 on this tree) in a mean
+# of ~2.5 s each on this 2-core CPU with Triton 3.6 (bench/RESULTS.md); the GPU tier and benches launch at
+# most those specializations plus the other epilogue dtypes of each GEMM config (<= 150 compiles, each
+# once: Triton's cache) -> <= ~6 min of compile on one slow core, ~2-3 min on a GPU host's faster cores;
+# autotune runs each config ~25+100 ms per (M bucket, N, K, rank) key, 8 large + 4 small configs at
+# 4 Z-Image shapes: < 1 min; the tests' and benches' own GPU work (--budget 0.3 s per timing) ~1-2 min.
+# Total ~5-8 min; the summary below prints the measured total.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-python}"
 dry=0
 [ "${1:-}" = "--dry" ] && dry=1
+carry="$root/.cache/gpu-carry"
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p "$root/.cache" && : > "$root/.cache/no-constraints.txt"   # this machine's pip caps no pytest
+  PIP_CONSTRAINT="$root/.cache/no-constraints.txt" "$py" -m pip install -q --no-deps --upgrade --target "$carry" pytest pluggy iniconfig packaging
+  echo "gpu_check.sh: $(du -sh "$carry" | cut -f1) in $carry; carry it to the GPU host with the checkout"
+  exit 0
+fi
+# The pack from this checkout (a GPU host has it neither installed nor in a ComfyUI), and a carried pytest.
+pp="$(mktemp -d)"
+ln -s "$root" "$pp/comfyui_int8_convrot"
+export PYTHONPATH="$pp${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$carry" ] && export PYTHONPATH="$PYTHONPATH:$carry"
+trap 'rm -rf "$pp"' EXIT
+if ! "$py" - <<'PY'
+import sys
+def version(name):
+    try:
+        return __import__(name).__version__
+    except Exception:
+        return None
+def tup(v):
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split("+")[0].split(".")[:2])
+vs = {n: version(n) for n in ("torch", "triton", "numpy", "pytest")}
+print(f"gpu_check.sh: Python {sys.version.split()[0]}, torch {vs['torch'] or 'missing'}, "
+      f"Triton {vs['triton'] or 'missing'}, numpy {vs['numpy'] or 'missing'}, pytest {vs['pytest'] or 'missing'}",
+      flush=True)
+why = []
+if sys.version_info < (3, 10):
+    why.append("Python >= 3.10")
+for name, floor in (("torch", (2, 7)), ("triton", (3, 3)), ("numpy", (1, 0)), ("pytest", (7, 0))):
+    if vs[name] is None or tup(vs[name]) < floor:
+        why.append(f"{name} >= {'.'.join(map(str, floor))}")
+if why:
+    extra = " (bash bench/gpu_check.sh --prepare brings pytest in .cache/gpu-carry)" if vs["pytest"] is None else ""
+    print(f"gpu_check.sh: this stack cannot serve the run: it needs {', '.join(why)}{extra}", file=sys.stderr)
+    sys.exit(3)
+PY
+then exit 3; fi
 
 if [ "$dry" = 0 ]; then
   if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -34,7 +85,7 @@ if [ "$dry" = 0 ]; then
 else
   export TRITON_INTERPRET=1 INT8_CONVROT_GPU_DRY=1
   scratch="$(mktemp -d)"
-  trap 'rm -rf "$scratch"' EXIT
+  trap 'rm -rf "$scratch" "$pp"' EXIT
   export INT8_CONVROT_RESULTS="${INT8_CONVROT_RESULTS:-$scratch/RESULTS.md}"
   gpu="dry run on CPU (Triton interpreter)"
   kernel_args=(--device cpu --tiny --tokens 16 --budget 0.01)

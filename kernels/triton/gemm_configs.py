@@ -72,13 +72,15 @@ def lora_fits(cfg, capability: tuple[int, int], rank: int) -> bool:
     128×128 with 8 warps is clean at rank ≤ 64 and spills 240 B at 128; 128×64 and 64×128 with 4 warps
     spill 32–40 B at 64; 64×64 and narrower are clean at 128. sm_90 (wgmma): 128×256 / 256×128 (8 warps)
     spill 84–108 B at rank 64 and 128×128 (4 warps) 40–120 B; 128×64, 64×128 and smaller are clean at 128,
-    except the mma.sync tiles (BLOCK_M < 64) with BLOCK_N·R > 64·64 (16×128 at 64, 32×64 at 128: 8–12 B)."""
+    except the mma.sync tiles (BLOCK_M < 64) with BLOCK_N·R > 64·64 (16×128 at 64, 32×64 at 128: 8–12 B).
+    Triton 3.3 (sm_90): 128×64 (4 warps) spills 76/88 B at rank 128, so ranks above 64 keep BLOCK_M ≤ 64."""
     kw = cfg.kwargs
     tile = kw["BLOCK_M"] * kw["BLOCK_N"]
     if rank == 0:
         return True
     if capability[0] == 9:
-        return tile <= 128 * 64 and (kw["BLOCK_M"] >= 64 or kw["BLOCK_N"] * rank <= 64 * 64)
+        return (tile <= 128 * 64 and (kw["BLOCK_M"] >= 64 or kw["BLOCK_N"] * rank <= 64 * 64)
+                and (rank <= 64 or kw["BLOCK_M"] <= 64))
     if tile <= 64 * 64:
         return True
     return rank <= 64 and tile <= 128 * 128 and cfg.num_warps >= 8

@@ -181,7 +181,7 @@ def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, d_ptr, z_ptr, M, K, stride_
 _DOT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def launch_params(m: int, group_size: int, dot: str) -> tuple[int, int, int]:
+def launch_params(m: int, group_size: int, dot: str, rank: int = 0) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages) for M rows, group size g and the dot dtype name; every launch
     this can return is compiled for sm_80/86/89/90 by bench/aot_check.py and must not spill.
     - Memory-bound: small row blocks give many programs (M=4096 → 128–256 CTAs) and little register
@@ -189,9 +189,14 @@ def launch_params(m: int, group_size: int, dot: str) -> tuple[int, int, int]:
       thread at a 128-register cap), 16 does not; g = 1024 keeps 16: BLOCK_M 16 and 8 warps.
     - Shared memory as compiled: fp16/bf16 13–73 KB with 3 stages; the fp32 FMA dot stages its operands
       through shared memory, 3 stages took up to 147 KB (g = 1024) against ~17 KB with 1.
+    - Triton versions differ (bench/aot_check.py on 3.3/3.6/3.8/3.9): BLOCK_M 32 spilled with the fp32 FMA
+      dot on 3.6 (g = 64, sm_90: 255 registers, 108/96 B) and with a fused LoRA down-projection (`rank`) on
+      3.9 (r16, 4 B); BLOCK_M 16 is clean on all four, so those take 16 everywhere. g = 1024 with 3 stages
+      spilled 4 B on 3.9 (sm_90); 2 stages are clean (149 registers) and still overlap the next load.
     """
-    block_m = 16 if (m <= 2048 or group_size >= 256) else 32
-    return block_m, (8 if group_size >= 1024 else 4), (1 if dot == "fp32" else 3)
+    block_m = 16 if (m <= 2048 or group_size >= 256 or dot == "fp32" or rank) else 32
+    stages = 1 if dot == "fp32" else (2 if group_size >= 1024 else 3)
+    return block_m, (8 if group_size >= 1024 else 4), stages
 
 
 def dot_dtype(x: torch.Tensor) -> torch.dtype:
@@ -264,7 +269,7 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int, down_t: torch.Tenso
     if x.dtype == torch.float32 and group_size >= TORCH_FP32_MIN_GROUP:
         return rotate_quantize_rows(x, group_size)
     h = rotation_tile(group_size, x.device, dot) if group_size else s  # s: unused placeholder pointer
-    block_m, warps, stages = launch_params(m, group_size, _DOT_NAMES[dot])
+    block_m, warps, stages = launch_params(m, group_size, _DOT_NAMES[dot], rank)
     grid = (triton.cdiv(m, block_m),)
     with device_guard(x):
         _rotate_quant_kernel[grid](

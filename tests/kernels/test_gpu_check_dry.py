@@ -37,6 +37,21 @@ def test_real_run_refuses_without_cuda(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
                           env=_env(INT8_CONVROT_RESULTS=str(tmp_path / "R.md")), timeout=300)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    assert re.search(r"gpu_check.sh: Python 3\.\d+.*, torch .*, Triton .*, numpy ", proc.stdout)  # what it found
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_refuses_in_one_line_a_stack_it_cannot_serve(tmp_path):
+    """A stack without Triton (or below the floors) is refused before anything runs, naming what is missing."""
+    (tmp_path / "triton.py").write_text("raise ImportError('no triton on this stack')\n")
+    env = _env(INT8_CONVROT_RESULTS=str(tmp_path / "R.md"))
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry"], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Triton missing" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check.sh: this stack cannot serve the run: it needs triton >= 3.3"]
     assert not (tmp_path / "R.md").exists()
 
 
