@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..kernels.linear import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
+from ..kernels.lora_ranks import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
 from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
 from .errors import FileFormatError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor

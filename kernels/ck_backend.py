@@ -34,7 +34,8 @@ import torch
 from . import backends
 from .hadamard import VALID_GROUP_SIZES, hadamard
 from .linear import int8_linear as _int8_linear
-from .linear import prepack, rotate_quantize_rows
+from .act_quant import rotate_quantize_rows
+from .linear import prepack
 
 NAME = "int8_convrot"
 FLOATS = frozenset({torch.float32, torch.float16, torch.bfloat16})

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backends
+from .act_quant import rotate_quantize_rows, rotated
 from .hadamard import check_group_size
-from .quantize import quantize_rowwise
-from .rotation import check_divisible, rotate
+from .lora_ranks import LORA_UP_RANKS
+from .rotation import check_divisible
 
 MODES = ("auto", "w8a8", "w8a16")
 # Rows of the weight materialized at once in w8a16: 2048×3840 bf16 is 15 MB.
@@ -26,9 +27,6 @@ W8A16_TILE_ELEMENTS = 1 << 23
 # Below this many tokens a GEMM is bandwidth-bound: reading int8 and widening wins over
 # quantizing the activation (the same crossover other int8 libraries use for GEMV paths).
 W8A8_MIN_TOKENS = 16
-# Elements rotated and quantized per block on the torch path: ~2 MB of float32 stays in L2/L3
-# (measured on a 2-core Zen3: 3-5x faster than one whole-tensor pass at 4096 tokens).
-ROTATE_QUANT_ELEMENTS = 1 << 19
 
 
 def resolve_mode(mode: str, x: torch.Tensor, tokens: int) -> str:
@@ -61,17 +59,13 @@ def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size
         check_divisible(codes.shape[1], group_size, "input dimension")
 
 
-def _rotated(x2: torch.Tensor, group_size) -> torch.Tensor:
-    return rotate(x2, group_size, torch.float32) if group_size else x2.float()
-
-
 def _row_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
     return scale.float().reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.float().reshape(n, 1)
 
 
 def linear_w8a16(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    xr = _rotated(x2, group_size).to(out_dtype)
+    xr = rotated(x2, group_size).to(out_dtype)
     if bias is not None:  # F.linear wants one dtype; the output's, as comfy-kitchen casts its bias
         bias = bias.to(out_dtype)
     n, k = codes.shape
@@ -85,22 +79,6 @@ def linear_w8a16(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bia
         out[:, rows] = F.linear(xr, codes[rows].to(out_dtype) * scales[rows],
                                 None if bias is None else bias[rows])
     return out
-
-
-def rotate_quantize_rows(x2: torch.Tensor, group_size, rows: int | None = None):
-    """Rotate + per-token quantize, a block of rows at a time: the float32 temporaries stay in cache
-    instead of costing a fresh multi-MB allocation (and its page faults) per call. Row-wise ops only,
-    so the result does not depend on the block size."""
-    m = x2.shape[0]
-    rows = rows or max(16, ROTATE_QUANT_ELEMENTS // max(1, x2.shape[1]))
-    if m <= rows:
-        return quantize_rowwise(_rotated(x2, group_size))
-    qx = torch.empty(x2.shape, dtype=torch.int8, device=x2.device)
-    sx = torch.empty((m, 1), dtype=torch.float32, device=x2.device)
-    for start in range(0, m, rows):
-        block = slice(start, min(start + rows, m))
-        qx[block], sx[block] = quantize_rowwise(_rotated(x2[block], group_size))
-    return qx, sx
 
 
 def _gemm_rescale_torch(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dtype):
@@ -142,15 +120,6 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     # reference: exact integer accumulation in float64 (|sum| < 2**53 for any K below 5e11).
     acc = qx.double() @ codes.double().t()
     return _gemm_rescale_torch(acc, sx, sw, bias, out_dtype)
-
-
-# What the fused Triton LoRA takes (kernels/triton): the rotate+quant pass computes z = x·down_t up to 256
-# columns wide, the GEMM epilogue adds R ≤ 128 of them per output column, and row slices (q/k/v of a fused
-# qkv) each get their own z columns when aligned to LORA_SLICE_ALIGN, the widest BLOCK_N of any GEMM config
-# (the epilogue reads one z offset per output block).
-LORA_Z_RANKS = (16, 32, 64, 128, 256)
-LORA_UP_RANKS = (16, 32, 64, 128)
-LORA_SLICE_ALIGN = 256
 
 
 def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, up_rank: int, mode: str = "auto") -> bool:

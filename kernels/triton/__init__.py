@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..act_quant import rotate_quantize_rows
 from ..backends import triton_status
 from . import fallback
 
@@ -42,7 +43,6 @@ def _existing(name: str):
 
 def _rotate_quantize_impl(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     def torch_path():
-        from ..linear import rotate_quantize_rows  # lazy: linear.py imports this package's backends
         return rotate_quantize_rows(x, group_size)
 
     # The fallback lives in the op, not its callers, so it also runs inside a torch.compile'd graph.
@@ -80,7 +80,6 @@ def _int8_gemm_rescale_fake(qx, sx, codes, sw, bias, out_dtype):
 def _rotate_quantize_down_impl(x: torch.Tensor, group_size: int,
                                down_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def torch_path():
-        from ..linear import rotate_quantize_rows
         q, s = rotate_quantize_rows(x, group_size)
         return q, s, x.to(down_t.dtype).float() @ down_t.float()   # the kernel's operands, fp32 sums
 
@@ -140,7 +139,6 @@ MAX_FUSED_GROUP = 1024
 def rotate_quantize(x2d: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each row of x2d group-wise by H_g (None/0: no rotation) and quantize it per row."""
     if group_size and group_size > MAX_FUSED_GROUP:
-        from ..linear import rotate_quantize_rows
         return rotate_quantize_rows(x2d, group_size)
     return rotate_quantize_op(x2d, int(group_size or 0))
 

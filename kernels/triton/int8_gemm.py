@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear import LORA_UP_RANKS
+from ..lora_ranks import LORA_UP_RANKS
 from . import gemm_configs
 from ._runtime import INTERPRET, device_guard
 
@@ -130,7 +130,7 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
                              zcol: torch.Tensor | None = None) -> torch.Tensor:
     """`z` float32 (M, RZ) and `up` (N, R) in a float dtype add a LoRA's z[:, zcol[n]:zcol[n]+R]·up[n]ᵀ to
     each output column n in the epilogue; `zcol` int32 (N,) is constant over aligned blocks of
-    kernels.linear.LORA_SLICE_ALIGN columns (None: all 0, z (M, R))."""
+    kernels.lora_ranks.LORA_SLICE_ALIGN columns (None: all 0, z (M, R))."""
     if qx.dtype != torch.int8 or codes.dtype != torch.int8 or qx.dim() != 2 or codes.dim() != 2:
         raise ValueError(f"expected int8 qx (M, K) and codes (N, K), got {qx.dtype} {tuple(qx.shape)} "
                          f"and {codes.dtype} {tuple(codes.shape)}")

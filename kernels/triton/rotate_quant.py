@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..act_quant import rotate_quantize_rows
 from ..hadamard import check_group_size, hadamard
-from ..linear import LORA_Z_RANKS, rotate_quantize_rows
+from ..lora_ranks import LORA_Z_RANKS
 from ..quantize import SCALE_FLOOR
 from ..rotation import check_divisible
 from ._runtime import INTERPRET, device_guard
@@ -45,7 +46,7 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # fma are explicit and unaffected). The interpreter has no such option.
 FP_FUSION = False
 _FP_FUSION_OPTION = {} if INTERPRET else {"enable_fp_fusion": FP_FUSION}
-# fp32 activations at g ≥ 256 take the torch path (kernels.linear.rotate_quantize_rows, the reference
+# fp32 activations at g ≥ 256 take the torch path (kernels.act_quant.rotate_quantize_rows, the reference
 # itself, so codes are those of every other backend): the fp32 FMA dot keeps each thread's rows of x and
 # columns of H_64 in registers, and with 4 or 16 sub-blocks in flight it spilled 0.5–48 KB per thread on
 # every target (bench/aot_check.py; 16-deep chained dots spilled as much). ComfyUI runs diffusion models in
