@@ -104,33 +104,55 @@ def pop_int8_layer(state_dict: dict, prefix: str, *, out_features: int | None = 
 
 
 class PrepackCache:
-    """The CPU backend's packed copy of a weight, rebuilt when the codes/scales change or move."""
+    """The CPU backend's packed copy of a weight, rebuilt when the codes/scales change or move.
+
+    It holds the storages it packed, so while the pack lives no other tensor can be allocated at the
+    addresses its key names: same address then means same storage, and the version counter says
+    whether that storage was written since (ComfyUI's inference-mode tensors have none; nothing in
+    ComfyUI writes int8 codes in place: see nodes/ops.py)."""
 
     def __init__(self):
         self._key = None
         self._packed = None
+        self._held = None      # the packed codes' and scales' storages (see above)
 
     @staticmethod
-    def _key_of(codes: torch.Tensor, scale: torch.Tensor):
-        # Tensors made under torch.inference_mode (ComfyUI runs nodes in it) have no version counter;
-        # for them storage identity is the key (nothing here writes codes in place).
-        def version(t):
-            return -1 if t.is_inference() else t._version
-        return (codes.device, codes.data_ptr(), version(codes), tuple(codes.shape),
-                scale.device, scale.data_ptr(), version(scale))
+    def _version(t: torch.Tensor) -> int:
+        return -1 if t.is_inference() else t._version
+
+    @classmethod
+    def _codes_key(cls, codes: torch.Tensor):
+        return (codes.device, codes.dtype, codes.data_ptr(), tuple(codes.shape), codes.stride(), cls._version(codes))
+
+    @classmethod
+    def _key_of(cls, codes: torch.Tensor, scale: torch.Tensor):
+        return cls._codes_key(codes) + (scale.device, scale.data_ptr(), tuple(scale.shape), cls._version(scale))
 
     def get(self, codes: torch.Tensor, scale: torch.Tensor):
         if codes.device.type != "cpu":
             return None
         key = self._key_of(codes, scale)
         if key != self._key:
-            self._packed, self._key = None, None
+            self.clear()
             self._packed = kernels.prepack(codes, scale)
             self._key = key
+            self._held = (codes.untyped_storage(), scale.untyped_storage())
         return self._packed
 
+    def packed_from(self, codes) -> bool:
+        """Whether `codes` is the very tensor this pack was built from, unwritten since: same storage,
+        view and version. Cheap (no pass over the data), so a weight re-assigned by ComfyUI's unpatch
+        keeps its pack."""
+        if self._key is None or not isinstance(codes, torch.Tensor):
+            return False
+        return self._codes_key(codes) == self._key[:6]
+
     def clear(self) -> None:
-        self._key = self._packed = None
+        self._key = self._packed = self._held = None
+
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,10 @@ How it cooperates with ComfyUI's model management (0.8.0's comfy/ops.py and mode
      dequantized in float32, patched, and stored densely in the layer's dtype.
   Saving (0.29+ reads `model_state_dict_for_saving` instead of loading with `force_patch_weights`): a
   patched quantized layer is written as its folded dense weight, lazily, an unpatched one as its codes.
-  Unpatching reassigns the original codes tensor (`ModelPatcher.backup`), which clears every
-  derived state here (low-rank terms, dense weight, CPU prepack): the codes come back bit for bit.
+  Unpatching reassigns the original codes tensor (`ModelPatcher.backup`), which clears the low-rank
+  terms and the dense weight: the codes come back bit for bit. The CPU prepack of those codes is
+  kept across LoRA changes (it is the same tensor, unwritten); it goes when the codes change or
+  ComfyUI unloads the model (`Int8ModelPatcher.detach(unpatch_all=True)`).
 """
 from __future__ import annotations
 
@@ -130,12 +132,20 @@ class _Int8Weight:
 
     def __setattr__(self, name, value):
         if name == "weight" and "_pack" in self.__dict__:
-            # Any (re)assignment of the weight (load, set_weight, ModelPatcher's unpatch) resets what
-            # was derived from the previous one.
-            self._pack.clear()
+            # A (re)assignment of the weight (load, set_weight, ModelPatcher's unpatch) ends the LoRA
+            # terms of the previous patch set. The CPU pack stays only where the codes are unchanged:
+            # unpatching gives back the very tensor it was built from (same storage, view, version), and
+            # a dense patch (set_weight) leaves the codes in ModelPatcher's backup for that unpatch.
+            # Anything else (a load, a new Parameter, other codes) drops it.
+            if not (self.__dict__.get("_dense_patching") or self._pack.packed_from(value)):
+                self._pack.clear()
             object.__setattr__(self, "_lowrank", ())
             object.__setattr__(self, "_lvp_cache", None)
         super().__setattr__(name, value)
+
+    def drop_pack(self) -> None:
+        """Free the CPU packed copy (ComfyUI frees the model's memory); the next CPU forward re-packs."""
+        self._pack.clear()
 
     @property
     def is_quantized(self) -> bool:
@@ -220,7 +230,11 @@ class _Int8Weight:
             raise Int8ConvRotError(
                 "in-place weight patching (ComfyUI hook/scheduled LoRA) is not supported on INT8 ConvRot layers",
                 hint="apply the LoRA with LoraLoader / LoraLoaderModelOnly instead")
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        object.__setattr__(self, "_dense_patching", True)
+        try:
+            self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        finally:
+            object.__setattr__(self, "_dense_patching", False)
         return None
 
     def _cast_codes(self, device, bias_dtype=None):
@@ -459,6 +473,14 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
         finally:
             self._fold_patches = False
 
+    def detach(self, unpatch_all=True):
+        # unpatch_all: ComfyUI unloads the model to free memory (model_unload, unload_all_models); a
+        # LoRA change detaches the previous patcher with unpatch_all=False and keeps the packs.
+        model = super().detach(unpatch_all)
+        if unpatch_all:
+            drop_packs(self.model)
+        return model
+
     def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
         # kwargs: 0.29+ adds return_weight (the patched weight for saving, nothing stored or backed up)
         # and force_cast; both go to ComfyUI's own path, which folds our patches densely.
@@ -510,6 +532,16 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
         return sd
 
 
+def drop_packs(model: torch.nn.Module) -> int:
+    """Free every CPU packed copy in `model`; returns how many there were."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _Int8Weight):
+            n += m._pack.is_packed
+            m.drop_pack()
+    return n
+
+
 def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
     """(quantized layers, all INT8-capable layers of our ops: Linear and Embedding) in a model."""
     q = n = 0
@@ -520,5 +552,6 @@ def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
     return q, n
 
 
-__all__ = ["Int8ConvRotEmbedding", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "load_context",
+__all__ = ["Int8ConvRotEmbedding", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "drop_packs",
+           "load_context",
            "lowrank_terms", "make_ops"]
