@@ -19,7 +19,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..engine.errors import Int8ConvRotError
-from ..engine.loading import check_file, check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
+from ..engine.loading import check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
+from ..engine.verdict import loader_check
 from .native import dynamic_vram_active, has_native_int8, memory_mode
 from .ops import Int8ModelPatcher, count_quantized, load_context, make_ops
 
@@ -82,10 +83,8 @@ def _quant_device():
 
 
 def _read(path, quantize, group_size, kind: str):
-    summary = check_file(path)
-    if quantize in (None, "off") and summary.int8_layers == 0:
-        # Same message as prepare_state_dict, but before reading gigabytes.
-        prepare_state_dict({}, None, path=path)
+    # The badge's own check (engine/verdict.py), before reading gigabytes: a file it shows red is refused here.
+    summary = loader_check(path, quantize)
     t0 = time.perf_counter()
     sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     to_quantize = count_quantizable(sd, quantize, group_size) if summary.int8_layers == 0 and quantize not in (
