@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from .errors import FileFormatError, Int8ConvRotError
-from .format import INT8_FORMAT, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_json, parse_metadata
+from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_json, parse_metadata
 from .safetensors_header import Header, read_header
 
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
@@ -29,7 +29,7 @@ class NativeFormat:
 
 
 # Layouts from comfy-kitchen 0.2.40 (comfy_kitchen/tensor/*.py) and ComfyUI's QUANT_ALGOS (0.8.0: fp8, nvfp4;
-# 0.29: mxfp8, int8_tensorwise, convrot_w4a4; 0.31: asym_w4a8_int8; 0.36-0.38 index: awq_w4a16).
+# 0.29: mxfp8, int8_tensorwise, convrot_w4a4; 0.31: asym_w4a8_int8; 0.36-0.38 index: awq_w4a16, svdquant_w4a4).
 NATIVE_FORMATS = {f.name: f for f in (
     NativeFormat("float8_e4m3fn", "fp8 (e4m3) with tensor scales", "ComfyUI's stock loaders"),
     NativeFormat("float8_e5m2", "fp8 (e5m2) with tensor scales", "ComfyUI's stock loaders"),
@@ -40,6 +40,8 @@ NATIVE_FORMATS = {f.name: f for f in (
     NativeFormat("asym_w4a8_int8", "W4A8: ConvRot-rotated int4 codebook codes with fp8 group scales, on the "
                  "INT8 GEMM", "the stock loader of ComfyUI ≥ 0.31"),
     NativeFormat("awq_w4a16", "AWQ W4A16: int4 weights with per-group scales and zero points",
+                 "the stock loader of ComfyUI ≥ 0.36"),
+    NativeFormat("svdquant_w4a4", "SVDQuant W4A4: int4 weights with a low-rank high-precision branch",
                  "the stock loader of ComfyUI ≥ 0.36"),
 )}
 
@@ -87,6 +89,16 @@ def _read_json(fd: int, e, path, key: str) -> dict:
     if not isinstance(cfg, dict):
         raise FileFormatError("comfy_quant is not a JSON object", path=path, tensor=key)
     return cfg
+
+
+def _metadata_formats(metadata: dict) -> dict[str, str]:
+    """{layer: format} from the header's _quantization_metadata, {} when absent or unreadable (then
+    parse_metadata raises the loaders' own error)."""
+    try:
+        layers = json.loads(metadata.get(METADATA_KEY, "{}")).get("layers", {}) or {}
+        return {k: str(v.get("format")) for k, v in layers.items() if isinstance(v, dict)}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
 
 
 def _scale_finite(fd: int, e) -> bool:
@@ -147,6 +159,9 @@ def loader_check(path, quantize: str | None = None) -> FileSummary:
             fmt = cfg.get("format")
             if fmt != INT8_FORMAT and fmt not in FP8_FORMATS:
                 raise native_format_error(str(fmt), path=path, tensor=key)
+        for layer, fmt in _metadata_formats(header.metadata).items():   # files that describe layers in the header
+            if fmt != INT8_FORMAT and fmt in NATIVE_FORMATS and fmt not in FP8_FORMATS:
+                raise native_format_error(fmt, path=path, tensor=f"{layer}.weight")
         meta_layers = parse_metadata(header.metadata, path=path) or {}
         for layer, (key, cfg) in layers.items():
             described.add(layer)

@@ -21,6 +21,7 @@ from comfy_api.latest import io
 from ..engine.errors import Int8ConvRotError
 from ..engine.loading import check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
 from ..engine.verdict import loader_check
+from .errors import shown_as
 from .native import dynamic_vram_active, has_native_int8, memory_mode
 from .ops import Int8ModelPatcher, count_quantized, load_context, make_ops
 
@@ -223,7 +224,8 @@ class Int8ConvRotUNETLoader(io.ComfyNode):
     def execute(cls, unet_name, compute="auto", quantize_on_load="off", group_size="64",
                 layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size), layers))
+        with shown_as({path: unet_name}):
+            return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size), layers))
 
 
 class Int8ConvRotCLIPLoader(io.ComfyNode):
@@ -253,8 +255,9 @@ class Int8ConvRotCLIPLoader(io.ComfyNode):
     def execute(cls, clip_name, type="lumina2", compute="auto", quantize_on_load="off", group_size="64",
                 device="default", layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device,
-                                               layers=layers))
+        with shown_as({path: clip_name}):
+            return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device,
+                                                   layers=layers))
 
 
 NODES = [Int8ConvRotUNETLoader, Int8ConvRotCLIPLoader]
