@@ -91,9 +91,13 @@ def _convert(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .engine.inspect import format_report, inspect_file
-    info = inspect_file(args.file)
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    from .engine.facts import badge_text, file_facts
+    facts = file_facts(args.file, args.file)
+    if args.json:
+        print(json.dumps({**facts["info"], "verdict": facts["summary"]}, indent=2))
+    else:   # the badge's verdict: the same check the loaders run (engine/verdict.py)
+        verdict = badge_text(facts["summary"]).replace("\n", "\n    ")
+        print(facts["report"] + f"\n  verdict ({facts['summary']['level']}): " + verdict)
     return 0
 
 

@@ -3,9 +3,10 @@ badge under the loader nodes (through the pack's HTTP route) and the Inspect nod
 
     file_facts(path, display_name=None) -> {"info": inspect_file(...), "summary": {...}, "report": str}
 
-`summary["level"]`: "ok" (INT8 ConvRot, row scales), "warn" (INT8 ConvRot with tensor-wise scales:
-soft, waxy images; INT8 without rotation; a damaged header entry) or "bad" (not INT8 ConvRot at all:
-the loaders refuse it unless told to quantize on load). `summary["lines"]` is the badge text.
+`summary["level"]`: "bad" exactly when the loaders refuse the file (engine/verdict.py's check, the one
+the loaders run; `summary["refusal"]` is their message), else "ok" (INT8 ConvRot, row scales) or "warn"
+(tensor-wise scales: soft, waxy images; INT8 without rotation; a damaged header entry the loaders
+skip). `summary["lines"]` is the badge text.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .format import QUANT_SUFFIX, SCALE_SUFFIX
 from .inspect import format_report, inspect_file
 from .safetensors_header import read_header
 from .safetensors_writer import human_bytes
+from .verdict import NATIVE_FORMATS, loader_refusal, native_format_text
 
 LEVELS = ("ok", "warn", "bad")
 # Tensors that exist only because of quantization: a bf16 original has none of them.
@@ -51,8 +53,9 @@ def _main_dtype(info: dict) -> str:
     return DTYPE_NAMES.get(floats[0], floats[0]) if floats else "?"
 
 
-def summarize(info: dict, bf16_bytes: int) -> dict:
-    """The badge: a verdict, three short lines and the warnings, from `inspect_file`'s dict."""
+def summarize(info: dict, bf16_bytes: int, refusal: str | None = None) -> dict:
+    """The badge: a verdict, three short lines and the warnings, from `inspect_file`'s dict and the
+    loaders' refusal (`verdict.loader_refusal`; None: they read the file)."""
     layers = info["layers"]
     convrot = layers.get("int8_convrot", 0)
     unrotated = layers.get("int8_unrotated", 0)
@@ -64,6 +67,7 @@ def summarize(info: dict, bf16_bytes: int) -> dict:
     scaling = info["scaling"]
     fmt = info["format"]
     warnings: list[str] = []
+    native: list[str] = []
     preset = PRESET_NAMES.get(info["preset"], info["preset"])
 
     if fmt == "int8_convrot":
@@ -88,7 +92,10 @@ def summarize(info: dict, bf16_bytes: int) -> dict:
         counts = f"{int8} quantized"
     else:
         level = "bad"
-        if fmt == "plain":
+        native = [k for k in layers if k in NATIVE_FORMATS and not k.startswith("float8")]
+        if native:
+            title = NATIVE_FORMATS[native[0]].name
+        elif fmt == "plain":
             title = f"plain {_main_dtype(info)}"
         elif fmt == "scaled_fp8" or "float8" in fmt:
             title = "fp8" if fmt != "scaled_fp8" else "scaled fp8"
@@ -96,7 +103,10 @@ def summarize(info: dict, bf16_bytes: int) -> dict:
             title = fmt
         line1 = f"not INT8 ConvRot: {title}"
         counts = (f"{other_quant} quantized" if other_quant else "no INT8 layers") + f" · {kept} Linear weights"
-        warnings.append(NOT_INT8_WARNING)
+        if native:   # its own loader reads it: say which, never "convert it"
+            warnings += [native_format_text(k) for k in native]
+        else:
+            warnings.append(NOT_INT8_WARNING)
     if other_quant and fmt in ("int8_convrot", "int8_unrotated"):
         counts += f", {other_quant} in another format"
     if level != "bad":
@@ -109,8 +119,13 @@ def summarize(info: dict, bf16_bytes: int) -> dict:
     if problems and level == "ok":
         level = "warn"
     warnings += problems
+    if refusal is not None and level != "bad":   # an INT8 file the loaders refuse (damaged): red, their reason
+        level, line1 = "bad", f"refused by the loaders: {title}"
+        warnings.insert(0, refusal)
+    elif refusal is None and level == "bad":     # they read it: never red
+        level = "warn"
     return {
-        "level": level, "title": title, "lines": [line1, line2, line3], "warnings": warnings,
+        "level": level, "refusal": refusal, "native_format": native[0] if level == "bad" and native else None, "title": title, "lines": [line1, line2, line3], "warnings": warnings,
         "format": fmt, "quantized": int8, "unrotated": unrotated, "other_quantized": other_quant, "kept": kept,
         "group_sizes": [g for g, _ in groups], "scaling": sorted(scaling), "preset": info["preset"],
         "size_bytes": size, "bf16_bytes": bf16_bytes, "size_ratio": ratio,
@@ -127,7 +142,8 @@ def file_facts(path, display_name: str | None = None) -> dict:
     """`inspect_file` (with `path` shown as `display_name`), the badge summary and the CLI's report text."""
     path = os.fspath(path)
     info = inspect_file(path)
-    summary = summarize(info, bf16_equivalent_bytes(read_header(path)))
+    shown = display_name if display_name is not None else os.path.basename(path)
+    summary = summarize(info, bf16_equivalent_bytes(read_header(path)), loader_refusal(path, shown))
     if display_name is not None:
         info["path"] = display_name
     return {"info": info, "summary": summary, "report": format_report(info)}

@@ -22,6 +22,14 @@ def _read_json_tensor(fd: int, begin: int, end: int):
     return json.loads(raw.decode("utf-8"))
 
 
+def _metadata_layers(meta: dict) -> dict:
+    try:
+        layers = json.loads(meta.get(METADATA_KEY, "{}")).get("layers", {}) or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {k: v for k, v in layers.items() if isinstance(v, dict)} if isinstance(layers, dict) else {}
+
+
 def _layer_kind(cfg: dict) -> str:
     fmt = cfg.get("format", "?")
     if fmt == "int8_tensorwise":
@@ -71,6 +79,22 @@ def inspect_file(path) -> dict:
                     scalings["row" if (cfg.get("per_row") or len(scale.shape) == 2 and scale.shape[0] > 1)
                              else "tensor"] += 1
             orig[str(cfg.get("orig_dtype"))] += 1
+        # Layers described only in the header (the loaders restore their comfy_quant from it).
+        for base, cfg in _metadata_layers(header.metadata).items():
+            codes = tensors.get(base + ".weight")
+            if base + QUANT_SUFFIX in tensors or codes is None or codes.dtype != "I8":
+                continue
+            kind = _layer_kind(cfg)
+            kinds[kind] += 1
+            group = convrot_group_size(cfg)
+            if group is not None:
+                groups[group] += 1
+            scale = tensors.get(base + SCALE_SUFFIX)
+            if scale is None:
+                problems.append(f"{base}: no {SCALE_SUFFIX[1:]} tensor")
+            else:
+                scalings["row" if len(scale.shape) == 2 and scale.shape[0] > 1 else "tensor"] += 1
+            orig[str(cfg.get("orig_dtype"))] += 1
     finally:
         os.close(fd)
 
@@ -87,7 +111,7 @@ def inspect_file(path) -> dict:
             if version not in SUPPORTED_FORMAT_VERSIONS:
                 problems.append(f"{METADATA_KEY} format_version {version!r} is unknown to this version "
                                 f"(reads {', '.join(SUPPORTED_FORMAT_VERSIONS)})")
-            elif qmeta["layers"] != len(quantized):
+            elif quantized and qmeta["layers"] != len(quantized):
                 problems.append(f"{METADATA_KEY} lists {qmeta['layers']} layers but {len(quantized)} carry comfy_quant")
         except (json.JSONDecodeError, AttributeError):
             problems.append(f"{METADATA_KEY} is not valid JSON")

@@ -1,8 +1,7 @@
 """Preparing a state dict for the INT8 ConvRot loaders (no ComfyUI imports).
 
-- `check_file`: header-only look at a file: clear errors for a damaged/truncated file, and counts of
-  INT8 ConvRot layers and float Linear weights (so "not an INT8 ConvRot file" is known before any
-  tensor is read).
+- the header-only check that runs before any tensor is read is `verdict.loader_check` (shared with
+  the web badge and the Inspect node).
 - `prepare_state_dict`: the state dict the ComfyUI ops load: per-layer `comfy_quant` tensors
   restored from the header's `_quantization_metadata` where a tool wrote only the header, every
   INT8 layer validated up front (format, group size the kernels accept, scale shape), and, on
@@ -12,8 +11,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-
 import torch
 
 from .. import kernels
@@ -21,51 +18,10 @@ from .convert import quantize_tensors
 from .errors import FileFormatError, Int8ConvRotError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, parse_layer_tensor, parse_metadata
 from .linear import check_layer
-from .safetensors_header import read_header
+from .verdict import FP8_FORMATS, native_format_error, not_int8_error
 
-FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 # Checkpoint prefixes in front of a DiT's own keys (ComfyUI strips them when it loads a model).
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
-@dataclass(frozen=True)
-class FileSummary:
-    path: str
-    int8_layers: int          # tensors with a comfy_quant entry in the int8_tensorwise format
-    other_quant_layers: int   # comfy_quant entries in another format (fp8, nvfp4)
-    float_linears: int        # 2-D floating-point `.weight` tensors
-    total_bytes: int
-
-
-def check_file(path) -> FileSummary:
-    """Read only the header; raises FileFormatError for non-safetensors, truncated or malformed files."""
-    header = read_header(path)
-    layers = parse_metadata(header.metadata, path=path) or {}
-    int8 = other = floats = 0
-    for name, entry in header.tensors.items():
-        if name.endswith(QUANT_SUFFIX):
-            continue
-        if name.endswith(".weight") and len(entry.shape) == 2 and entry.dtype in ("BF16", "F16", "F32", "F8_E4M3",
-                                                                                  "F8_E5M2"):
-            floats += 1
-    quant_keys = [k for k in header.tensors if k.endswith(QUANT_SUFFIX)]
-    if quant_keys:
-        # The per-layer JSON is tiny but lives in the data section: read just those bytes.
-        with open(path, "rb") as f:
-            for k in quant_keys:
-                e = header.tensors[k]
-                f.seek(e.begin)
-                try:
-                    fmt = json.loads(f.read(e.nbytes).decode("utf-8")).get("format")
-                except (UnicodeDecodeError, json.JSONDecodeError):
-                    raise FileFormatError("comfy_quant is not valid JSON", path=path, tensor=k) from None
-                if fmt == "int8_tensorwise":
-                    int8 += 1
-                else:
-                    other += 1
-    else:
-        int8 = sum(1 for lq in layers.values() if lq.format == "int8_tensorwise")
-    return FileSummary(str(path), int8, other, floats, header.file_size)
 
 
 def _strip_prefix(keys) -> list[str]:
@@ -107,8 +63,7 @@ def dequantize_other_formats(sd: dict, path=None) -> int:
         if fmt == "int8_tensorwise":
             continue
         if fmt not in FP8_FORMATS:
-            raise FileFormatError(f"layer format {fmt!r} cannot be re-quantized to INT8 ConvRot", path=path,
-                                  tensor=key, hint="start from the bf16/fp16 original")
+            raise native_format_error(str(fmt), path=path, tensor=key)
         w = sd[f"{layer}.weight"].float()
         scale = sd.pop(f"{layer}{SCALE_SUFFIX}", None)
         if scale is not None:
@@ -228,11 +183,7 @@ def prepare_state_dict(sd: dict, metadata: dict | None = None, *, path=None, qua
                    for k in sd if k.endswith(QUANT_SUFFIX))
     if quantize in (None, "off"):
         if not has_int8:
-            raise FileFormatError(
-                "not an INT8 ConvRot file: it has no int8_tensorwise layers", path=path,
-                hint="set quantize_on_load to 'auto' to quantize this bf16/fp16/fp8 model while loading, or "
-                     "convert it once with the INT8 ConvRot Converter; fp8/bf16 files also load with ComfyUI's "
-                     "own loaders")
+            raise not_int8_error(path)
     elif not has_int8:
         dequantize_other_formats(sd, path)
         try:

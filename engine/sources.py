@@ -25,6 +25,7 @@ from .errors import FileFormatError
 from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS, convrot_group_size
 from .safetensors_header import Header, TensorEntry, read_header
 from .safetensors_writer import ST_TO_TORCH
+from .verdict import NATIVE_FORMATS, native_format_text
 
 DM_PREFIX = "model.diffusion_model."
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -60,6 +61,11 @@ def _refuse_quantized(path, name: str, fmt: str, group_size=None):
         raise FileFormatError(f"the file is already {what}: layer {name} is quantized", path=path,
                               hint="it needs no conversion; load it with the INT8 ConvRot loaders. To change the "
                                    "group size or preset, convert the bf16/fp16 original")
+    native = NATIVE_FORMATS.get(fmt)
+    if native is not None:   # a format ComfyUI reads natively: say what it is and who loads it
+        raise FileFormatError(f"the file is already quantized ({fmt!r}: layer {name}): {native_format_text(fmt)}",
+                              path=path, hint=f"it needs no conversion: load it with {native.reader}; for INT8 "
+                                              "ConvRot, convert the bf16/fp16 original checkpoint")
     raise FileFormatError(f"the file is already quantized ({fmt!r}: layer {name})", path=path,
                           hint="convert from the bf16/fp16 original checkpoint")
 

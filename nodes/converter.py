@@ -18,6 +18,7 @@ from ..engine.convert import convert_file, save_state_dict
 from ..engine.errors import OutputPathError
 from ..engine.policy import EMBEDDINGS_INCLUDE, TENSOR_SCALING_WARNING, detect_preset, get_policy
 from ..kernels.hadamard import VALID_GROUP_SIZES
+from .errors import shown_as
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +172,11 @@ class Int8ConvRotConverter(io.ComfyNode):
         src = folder_paths.get_full_path_or_raise(folder, name)
         stem = os.path.splitext(os.path.basename(name))[0]
         dst = output_path(src, folder, sanitize_name(output_name, stem + SUFFIX))
-        summary = convert_file(src, dst, preset=None if preset == "auto" else preset, group_size=int(group_size),
-                               scaling=scaling, device=resolve_device(device), overwrite=overwrite,
-                               include=(EMBEDDINGS_INCLUDE,) if quantize_embeddings else (),
-                               progress=ComfyProgress())
+        with shown_as({src: name, dst: os.path.basename(dst)}):
+            summary = convert_file(src, dst, preset=None if preset == "auto" else preset,
+                                   group_size=int(group_size), scaling=scaling, device=resolve_device(device),
+                                   overwrite=overwrite, include=(EMBEDDINGS_INCLUDE,) if quantize_embeddings else (),
+                                   progress=ComfyProgress())
         return _finish(folder, dst, summary)
 
 
@@ -224,16 +226,18 @@ class Int8ConvRotSaveModel(io.ComfyNode):
     def execute(cls, model, file_name, preset, group_size, scaling, overwrite) -> io.NodeOutput:
         folder = "diffusion_models"
         dst = os.path.join(_save_folder(), sanitize_name(file_name, "model" + SUFFIX))
-        if os.path.exists(dst) and not overwrite:   # before the (long) patching of the model
-            raise OutputPathError("the output file exists already", path=dst,
-                                  hint="choose another name, or allow overwriting")
-        sd = model_state_dict(model)
-        reason = "chosen"
-        if preset == "auto":
-            preset, reason = detect_preset(sd.keys())
-            reason = f"detected: {reason}"
-        summary = save_state_dict(sd, dst, get_policy(preset, int(group_size), scaling), device=resolve_device("auto"),
-                                  overwrite=overwrite, progress=ComfyProgress(), preset_reason=reason)
+        with shown_as({dst: os.path.basename(dst)}):
+            if os.path.exists(dst) and not overwrite:   # before the (long) patching of the model
+                raise OutputPathError("the output file exists already", path=dst,
+                                      hint="choose another name, or allow overwriting")
+            sd = model_state_dict(model)
+            reason = "chosen"
+            if preset == "auto":
+                preset, reason = detect_preset(sd.keys())
+                reason = f"detected: {reason}"
+            summary = save_state_dict(sd, dst, get_policy(preset, int(group_size), scaling),
+                                      device=resolve_device("auto"), overwrite=overwrite, progress=ComfyProgress(),
+                                      preset_reason=reason)
         return _finish(folder, dst, summary)
 
 

@@ -16,6 +16,7 @@ from comfy_api.latest import io, ui
 from ..engine.errors import Int8ConvRotError
 from ..engine.facts import badge_text, file_facts
 from ..engine.plot import plot_quality
+from .errors import shown_as
 from ..engine.quality import analyze, count_file_layers, iter_file_layers, iter_module_layers, SourceWeights
 
 FOLDERS = ("diffusion_models", "text_encoders")
@@ -115,16 +116,34 @@ class Int8ConvRotInspect(io.ComfyNode):
                 file_name=None) -> io.NodeOutput:
         if file_name:
             file = from_file_name(file_name)
+        names = {}
+        for value in (file, bf16_source):
+            if value and value != NONE and "/" in value:
+                try:
+                    names[resolve(value)] = value
+                except (Int8ConvRotError, FileNotFoundError):
+                    pass
+        with shown_as(names):
+            return cls._run(file, bf16_source, model, tokens, compute, seed)
+
+    @classmethod
+    def _run(cls, file, bf16_source, model, tokens, compute, seed) -> io.NodeOutput:
         progress = _Progress()
         source = SourceWeights(resolve(bf16_source)) if bf16_source and bf16_source != NONE else None
+        level = None
         try:
             kwargs = dict(source_name=bf16_source if source else None, tokens=tokens, mode=compute, seed=seed,
                           progress=progress)
             if file and file != NONE:
                 path = resolve(file)
                 facts = file_facts(path, file)
-                header = [facts["report"], "  verdict: " + badge_text(facts["summary"]).replace("\n", "\n    ")]
-                report = analyze(iter_file_layers(path), source, total=count_file_layers(path), **kwargs)
+                summary = facts["summary"]
+                header = [facts["report"], "  verdict: " + badge_text(summary).replace("\n", "\n    ")]
+                level = summary["level"]
+                # A file the loaders refuse (the badge's red) is not analysed: its layers may be incomplete.
+                layers = iter(()) if summary["refusal"] else iter_file_layers(path)
+                total = 0 if summary["refusal"] else count_file_layers(path)
+                report = analyze(layers, source, total=total, **kwargs)
                 title = file
             elif model is not None:
                 diffusion_model = getattr(model.model, "diffusion_model", model.model)
@@ -142,8 +161,13 @@ class Int8ConvRotInspect(io.ComfyNode):
         text = "\n".join(header + [report.to_text()])
         image = image_tensor(plot_quality(report, title))
         preview = ui.PreviewImage(image, cls=cls).as_dict()
-        level = "warn" if any(r.scaling == "tensor" for r in report.layers) or not report.layers else "ok"
-        badge = {"level": level, "lines": report.headline()}
+        if level is None:   # a loaded MODEL: the loaders took it, so never red
+            level = "warn" if any(r.scaling == "tensor" for r in report.layers) or not report.layers else "ok"
+        if file and file != NONE:   # the verdict the badge shows, then the quality headline when measured
+            lines = summary["lines"][:1] + summary["warnings"][:1] + (report.headline() if report.layers else [])
+        else:
+            lines = report.headline()
+        badge = {"level": level, "lines": lines}
         return io.NodeOutput(text, image, ui={**preview, "text": [text], "int8_convrot": [badge]})
 
 

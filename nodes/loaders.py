@@ -19,7 +19,9 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..engine.errors import Int8ConvRotError
-from ..engine.loading import check_file, check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
+from ..engine.loading import check_int8_consumed, count_quantizable, int8_tensor_keys, prepare_state_dict
+from ..engine.verdict import loader_check
+from .errors import shown_as
 from .native import dynamic_vram_active, has_native_int8, memory_mode
 from .ops import Int8ModelPatcher, count_quantized, load_context, make_ops
 
@@ -82,10 +84,8 @@ def _quant_device():
 
 
 def _read(path, quantize, group_size, kind: str):
-    summary = check_file(path)
-    if quantize in (None, "off") and summary.int8_layers == 0:
-        # Same message as prepare_state_dict, but before reading gigabytes.
-        prepare_state_dict({}, None, path=path)
+    # The badge's own check (engine/verdict.py), before reading gigabytes: a file it shows red is refused here.
+    summary = loader_check(path, quantize)
     t0 = time.perf_counter()
     sd, metadata = comfy.utils.load_torch_file(str(path), safe_load=True, return_metadata=True)
     to_quantize = count_quantizable(sd, quantize, group_size) if summary.int8_layers == 0 and quantize not in (
@@ -224,7 +224,8 @@ class Int8ConvRotUNETLoader(io.ComfyNode):
     def execute(cls, unet_name, compute="auto", quantize_on_load="off", group_size="64",
                 layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
-        return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size), layers))
+        with shown_as({path: unet_name}):
+            return io.NodeOutput(load_unet(path, compute, quantize_on_load, int(group_size), layers))
 
 
 class Int8ConvRotCLIPLoader(io.ComfyNode):
@@ -254,8 +255,9 @@ class Int8ConvRotCLIPLoader(io.ComfyNode):
     def execute(cls, clip_name, type="lumina2", compute="auto", quantize_on_load="off", group_size="64",
                 device="default", layers="auto") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("text_encoders", clip_name)
-        return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device,
-                                               layers=layers))
+        with shown_as({path: clip_name}):
+            return io.NodeOutput(load_text_encoder(path, type, compute, quantize_on_load, int(group_size), device,
+                                                   layers=layers))
 
 
 NODES = [Int8ConvRotUNETLoader, Int8ConvRotCLIPLoader]

@@ -3,8 +3,10 @@
 // - Loader nodes (UNET / CLIP) and the Inspect node: a panel under the widgets with the file's format,
 //   group size, scaling, quantized/kept layer counts and size vs bf16, from the pack's read-only route
 //   GET /api/int8_convrot/inspect?folder=...&name=... . Green: INT8 ConvRot with row scales. Amber:
-//   tensor-wise scales with ConvRot (soft, waxy images) or INT8 without rotation. Red: not INT8
-//   ConvRot (the loader refuses it unless quantize_on_load is set; then it is shown in blue).
+//   tensor-wise scales with ConvRot (soft, waxy images) or INT8 without rotation. Red: exactly the files
+//   the pack's loaders refuse (the route runs their own check, engine/verdict.py), with their reason; a
+//   bf16/fp8 file turns blue when quantize_on_load is set; a file in another quantized format (nvfp4,
+//   asym_w4a8_int8, ...) says which loader reads it.
 // - Converter node: what the chosen source is, live progress while it runs, then the summary it
 //   returns (also on the Save Model node).
 // - Inspect node: after a run, the quality headline under the badge (the chart shows as its preview).
@@ -213,7 +215,9 @@ function showFacts(node) {
   if (st.spec?.native) {
     // A stock loader: what the file is, and for INT8 ConvRot who runs it on this ComfyUI.
     if (summary.format !== "int8_convrot") {
-      render(node, "pending", [{ text: summary.lines[0] }]);
+      const rows = [{ text: summary.lines[0] }];
+      if (summary.native_format) rows.push({ text: summary.warnings[0] });   // what it is, who reads it
+      render(node, "pending", rows);
       return;
     }
     const rows = summaryRows(summary).filter((r) => r.cls !== "int8cr-warn");
