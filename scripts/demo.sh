@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on a built-in default: make a small Z-Image-shaped checkpoint, convert it to
-# INT8 ConvRot, load it, compare with bf16 and print a report.
+# The main job on a built-in default: build a real-width Z-Image block (dim 3840, FFN 10240), convert it to
+# INT8 ConvRot, compare each Linear at 1024² with bf16, print a table and write a PNG report (its path printed).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
