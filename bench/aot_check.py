@@ -285,8 +285,8 @@ def _short_mma(names: list[str]) -> str:
     return ", ".join(sorted(set(out)))
 
 
-def run(targets=TARGETS, jobs: int = 2) -> list[Result]:
-    vs = variants(targets)
+def run(targets=TARGETS, jobs: int = 2, only: str | None = None) -> list[Result]:
+    vs = [v for v in variants(targets) if not only or re.search(only, f"{v.kernel} {v.name}")]
     ctx = multiprocessing.get_context("spawn")  # no forked CUDA/Triton state; picks up the env above
     with tempfile.TemporaryDirectory(prefix="int8-convrot-aot-") as cache:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
@@ -334,17 +334,18 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", type=int, nargs="+", default=list(TARGETS))
     ap.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
     ap.add_argument("--title", default="AOT compile check")
+    ap.add_argument("--only", help="a regular expression: check only the variants whose row label matches")
     args = ap.parse_args(argv)
     why = _refuse_unsupported()
     if why:
         print(why, file=sys.stderr)
         return 2
     t0 = time.time()
-    results = run(tuple(args.targets), args.jobs)
+    results = run(tuple(args.targets), args.jobs, args.only)
     import triton
     bad = failures(results)
     text = table(results)
-    summary = (f"- {len(results)} variants, Triton {triton.__version__} with its bundled ptxas, no GPU; "
+    summary = (f"- {len(results)} variants{f' matching {args.only!r}' if args.only else ''}, Triton {triton.__version__} with its bundled ptxas, no GPU; "
                f"{time.time() - t0:.0f} s with {args.jobs} jobs; compile per variant "
                + ", ".join(f"sm_{t} mean {_mean_seconds(results, t):.1f} s" for t in args.targets) + "\n"
                "- cell: shared memory per block, registers per thread, spill stores/loads (bytes per thread), "

@@ -14,14 +14,17 @@
 # It serves Python >= 3.10, torch >= 2.7, Triton >= 3.3 (what scripts/stacks.sh tests), any numpy; it says at
 # the start which it found and refuses in one line otherwise. comfy-kitchen is optional (its steps skip).
 #
-# Time on an H100 (budget 8 minutes), estimated from measured compile times, not yet run on the device:
-# bench/aot_check.py compiles every variant the wrappers can launch on sm_90 (70 on this tree) in a mean
-# of ~2.5 s each on this 2-core CPU with Triton 3.6 (bench/RESULTS.md); the GPU tier and benches launch at
-# most those specializations plus the other epilogue dtypes of each GEMM config (<= 150 compiles, each
-# once: Triton's cache) -> <= ~6 min of compile on one slow core, ~2-3 min on a GPU host's faster cores;
-# autotune runs each config ~25+100 ms per (M bucket, N, K, rank) key, 8 large + 4 small configs at
-# 4 Z-Image shapes: < 1 min; the tests' and benches' own GPU work (--budget 0.3 s per timing) ~1-2 min.
-# Total ~5-8 min; the summary below prints the measured total.
+# Time on an H100 (budget 8 minutes), estimated from measured compile times; not yet run on a device:
+# - compile: bench/aot_check.py compiled 338 variants (every launchable one, sm_80..90) in 126 s with 2 jobs
+#   on this project's 2-core CPU (bench/RESULTS.md, Triton 3.8): 0.75 s per kernel specialization, frontend
+#   and ptxas. On sm_90 the GPU tier and benches can compile at most: 12 GEMM configs (8 large + 4 small,
+#   all autotuned) x 6 epilogues (out dtype x bias; K % BLOCK_K == 0 at Z-Image shapes) = 72, the LoRA
+#   epilogue on the configs kept for it (~16), ~25 rotate+quant variants: ~115 x 0.75 s ~= 90 s, each once
+#   (Triton's cache), in one process; ~3 min even at 2x slower per core.
+# - autotune: Triton benchmarks every config (~25 ms warm-up + ~100 ms) per (M bucket, N, K, R) key; ~20
+#   keys x 12 configs ~= 30 s.
+# - the tests' and benches' own GPU work (--budget 0.3 s per timing, --reps 3): ~1-2 min.
+# Estimate ~3-6 min, under 8; the summary appended to RESULTS.md prints the measured total per step.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
