@@ -55,46 +55,38 @@ def inspect_file(path) -> dict:
         params += n
 
     kinds, groups, scalings, orig = Counter(), Counter(), Counter(), Counter()
+
+    def count(base: str, cfg: dict):
+        kind = _layer_kind(cfg)
+        kinds[kind] += 1
+        group = convrot_group_size(cfg)
+        if group is not None:
+            groups[group] += 1
+        if kind.startswith("int8"):
+            scale = tensors.get(base + SCALE_SUFFIX)
+            if scale is None:
+                problems.append(f"{base}: no {SCALE_SUFFIX[1:]} tensor")
+            else:
+                scalings["row" if (cfg.get("per_row") or len(scale.shape) == 2 and scale.shape[0] > 1)
+                         else "tensor"] += 1
+        orig[str(cfg.get("orig_dtype"))] += 1
+
     fd = os.open(path, os.O_RDONLY)
     try:
         for name, e in tensors.items():
             if not name.endswith(QUANT_SUFFIX):
                 continue
-            base = name[: -len(QUANT_SUFFIX)]
             try:
                 cfg = _read_json_tensor(fd, e.begin, e.end)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 problems.append(f"{name}: comfy_quant is not valid JSON")
                 continue
-            kind = _layer_kind(cfg)
-            kinds[kind] += 1
-            group = convrot_group_size(cfg)
-            if group is not None:
-                groups[group] += 1
-            if kind.startswith("int8"):
-                scale = tensors.get(base + SCALE_SUFFIX)
-                if scale is None:
-                    problems.append(f"{base}: no {SCALE_SUFFIX[1:]} tensor")
-                else:
-                    scalings["row" if (cfg.get("per_row") or len(scale.shape) == 2 and scale.shape[0] > 1)
-                             else "tensor"] += 1
-            orig[str(cfg.get("orig_dtype"))] += 1
+            count(name[: -len(QUANT_SUFFIX)], cfg)
         # Layers described only in the header (the loaders restore their comfy_quant from it).
         for base, cfg in _metadata_layers(header.metadata).items():
             codes = tensors.get(base + ".weight")
-            if base + QUANT_SUFFIX in tensors or codes is None or codes.dtype != "I8":
-                continue
-            kind = _layer_kind(cfg)
-            kinds[kind] += 1
-            group = convrot_group_size(cfg)
-            if group is not None:
-                groups[group] += 1
-            scale = tensors.get(base + SCALE_SUFFIX)
-            if scale is None:
-                problems.append(f"{base}: no {SCALE_SUFFIX[1:]} tensor")
-            else:
-                scalings["row" if len(scale.shape) == 2 and scale.shape[0] > 1 else "tensor"] += 1
-            orig[str(cfg.get("orig_dtype"))] += 1
+            if base + QUANT_SUFFIX not in tensors and codes is not None and codes.dtype == "I8":
+                count(base, cfg)
     finally:
         os.close(fd)
 

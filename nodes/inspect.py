@@ -163,10 +163,10 @@ class Int8ConvRotInspect(io.ComfyNode):
         preview = ui.PreviewImage(image, cls=cls).as_dict()
         if level is None:   # a loaded MODEL: the loaders took it, so never red
             level = "warn" if any(r.scaling == "tensor" for r in report.layers) or not report.layers else "ok"
-        if file and file != NONE:   # the verdict the badge shows, then the quality headline when measured
-            lines = summary["lines"][:1] + summary["warnings"][:1] + (report.headline() if report.layers else [])
-        else:
+        if report.layers or not (file and file != NONE):
             lines = report.headline()
+        else:   # nothing measured (refused, or no INT8 layers): the verdict and the loaders' reason instead
+            lines = summary["lines"][:1] + summary["warnings"][:1]
         badge = {"level": level, "lines": lines}
         return io.NodeOutput(text, image, ui={**preview, "text": [text], "int8_convrot": [badge]})
 

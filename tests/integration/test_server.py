@@ -8,6 +8,10 @@ Conditioning comes from a test-only node (tests/comfy_test_nodes): Z-Image's tex
 """
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.parse
+
 import pytest
 import torch
 
@@ -167,6 +171,50 @@ def test_full_width_zimage(server):
 def test_bad_file_reports_a_clear_error(server):
     with pytest.raises(RuntimeError, match="not an INT8 ConvRot file"):
         server.run(sample_workflow(int8_loader("tiny_zimage_bf16.safetensors"), 256, seed=14))
+
+
+def failed_node(server, workflow: dict, timeout: float = 120) -> dict:
+    """The execution_error ComfyUI recorded for a workflow that must fail (its exception_type/_message
+    are what the UI shows)."""
+    import time
+    import uuid
+    pid = server.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})["prompt_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = server.get(f"/history/{pid}").get(pid)
+        if entry is not None:
+            errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+            assert entry["status"]["status_str"] == "error" and errors, entry["status"]
+            return errors[0]
+        time.sleep(0.25)
+    raise TimeoutError(server.log_tail())
+
+
+def test_node_error_names_the_class_and_the_listed_file(server):
+    """ComfyUI names a node's exception by module + class; a custom node's module is its folder's
+    absolute path. The pack's node errors read 'FileFormatError' and the file as the list shows it."""
+    import shutil
+    damaged = server.base / UNET_DIR / "sub" / "damaged_int8.safetensors"
+    damaged.parent.mkdir(exist_ok=True)
+    shutil.copy(server.base / UNET_DIR / "tiny_zimage_int8.safetensors", damaged)
+    raw = damaged.read_bytes()
+    damaged.write_bytes(raw[: len(raw) // 2])
+    for name, words in [("tiny_zimage_bf16.safetensors", "not an INT8 ConvRot file"),
+                        ("sub/damaged_int8.safetensors", "file is truncated")]:
+        err = failed_node(server, sample_workflow(int8_loader(name), 256, seed=16))
+        assert err["exception_type"] == "FileFormatError", err["exception_type"]
+        assert err["exception_message"].startswith(f"{name}: ") and words in err["exception_message"]
+        assert str(server.base) not in err["exception_message"]
+        # The badge says the same: red, with the same reason.
+        q = urllib.parse.urlencode({"folder": "diffusion_models", "name": name})
+        try:
+            status, payload = 200, server.get(f"/int8_convrot/inspect?{q}")
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, json.loads(exc.read())
+        if status == 200:
+            assert payload["summary"]["level"] == "bad"
+        else:
+            assert status == 422 and payload["error"] == err["exception_message"].strip()   # ComfyUI adds a newline
 
 
 def test_converter_then_loader(server):

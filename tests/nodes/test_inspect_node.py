@@ -98,7 +98,9 @@ def test_text_encoder_file(node):
 def test_plain_file_has_nothing_to_plot(node):
     report, image, ui = run(node, file="diffusion_models/tiny_zimage_bf16.safetensors")
     assert "not INT8 ConvRot: plain bf16" in report and "no INT8 layers to measure" in report
-    assert image.shape[1:] == (372, 1280, 3) and ui["int8_convrot"][0]["level"] == "warn"
+    # Red, as on the route's badge: the loaders refuse it (quantize_on_load off), and say so.
+    assert image.shape[1:] == (372, 1280, 3) and ui["int8_convrot"][0]["level"] == "bad"
+    assert ui["int8_convrot"][0]["lines"] == ["not INT8 ConvRot: plain bf16", "set quantize_on_load, or convert it first"]
 
 
 def test_model_from_our_loader(node, files):
