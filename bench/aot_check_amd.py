@@ -48,11 +48,6 @@ class AmdResult:
         return []
 
 
-def _worker_init(cache_dir: str):
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
-
-
 def compile_amd(job) -> AmdResult:
     v, target = job
     import triton
@@ -91,12 +86,13 @@ def compile_amd(job) -> AmdResult:
 
 
 def run(targets, jobs: int):
-    jobs_list = [(v, t) for t in targets for v in nv.variants((80,))]
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="int8-convrot-aot-amd-") as cache:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init,
-                                                    initargs=(cache,)) as pool:
-            return list(pool.map(compile_amd, jobs_list))
+    """Every variant of the generic config table for each target, in spawned workers without TRITON_INTERPRET
+    (aot_check's worker setup: a fresh Triton cache)."""
+    work = [(v, t) for t in targets for v in nv.variants((80,))]
+    with tempfile.TemporaryDirectory(prefix="int8-convrot-aot-amd-") as cache, \
+            concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=nv._worker_init, initargs=(cache,)) as pool:
+        return list(pool.map(compile_amd, work))
 
 
 def _cell(r: AmdResult) -> str:
