@@ -15,9 +15,10 @@ Where it serves (and why; see bench/native.py for the figures):
   weight tensor (`PackCache`): fbgemm with a pair-safe split on AVX2, oneDNN's AMX int8 tiles with AMX
   (stock UNETLoader, Z-Image dim 3840, 1024+128 tokens: 2.2x native there).
 - CPU `quantize_and_rotate_rowwise`: fp16/bf16 inputs only (measured faster; float32 was not).
-- CUDA sm80+ with Triton, group size <= 64 (`int8_linear`, `quantize_and_rotate_rowwise`): by design —
-  one fused rotate+quantize kernel where comfy-kitchen's fused kernel exists only for 256. Group 256
-  and everything below sm80 stay with comfy-kitchen's own kernels.
+- NVIDIA GPUs the routing gives our Triton (sm_80/86/89/90, kernels/routing.py), group size <= 64 (`int8_linear`,
+  `quantize_and_rotate_rowwise`): by design — one fused rotate+quantize kernel where comfy-kitchen's fused
+  kernel exists only for 256. Group 256 and every other GPU stay with comfy-kitchen's own kernels: on AMD
+  (ROCm) its HIP backend, which ours was never measured against, so it is never shadowed.
 
 Numerics: the activation is rotated and quantized in float32 (comfy-kitchen's eager path rotates in
 x's dtype), so results are at least as close to the exact product; `input_act` and `residual` are
