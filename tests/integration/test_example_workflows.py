@@ -15,8 +15,10 @@ on the server: the JSON keeps the templates' settings, the test shrinks resoluti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.server]
 WORKFLOWS = sorted((comfy_env.REPO / "example_workflows").glob("*.json"))
 NAMES = [p.stem for p in WORKFLOWS]
 APP = "window.comfyAPI.app.app"
+SCREENSHOTS = comfy_env.REPO / ".cache" / "screenshots"
 # What the test changes before running (the JSON keeps the real settings): 64² instead of 1024², 2 steps.
 SMALL = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}}
 
@@ -106,44 +109,14 @@ def shrink(prompt: dict) -> dict:
     return prompt
 
 
-# -- the conversion helper itself -----------------------------------------------------------------
-
-def test_to_api_maps_widgets_and_links():
-    info = {"KSampler": {"input": {"required": {
-        "model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
-        "sampler_name": [["euler", "res_multistep"]]}}},
-        "Loader": {"input": {"required": {"name": ["COMBO", {"options": ["a"]}]},
-                             "optional": {"text": ["STRING", {"forceInput": True}], "n": ["INT", {}]}}}}
-    wf = {"links": [[1, 2, 0, 1, 0, "MODEL"]], "nodes": [
-        {"id": 1, "type": "KSampler", "inputs": [{"name": "model", "link": 1}],
-         "widgets_values": [5, "randomize", 8, "res_multistep"]},
-        {"id": 2, "type": "Loader", "inputs": [], "widgets_values": ["a", 3]},
-        {"id": 3, "type": "Note", "widgets_values": ["text"]}]}
-    assert workflow_api.to_api(wf, info) == {
-        "1": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 5, "steps": 8,
-                                                   "sampler_name": "res_multistep"}},
-        "2": {"class_type": "Loader", "inputs": {"name": "a", "n": 3}}}
-    wf["nodes"][1]["widgets_values"].append("extra")
-    with pytest.raises(ValueError, match="left over"):
-        workflow_api.to_api(wf, info)
-
-
-def test_examples_keep_the_templates_settings():
-    """ComfyUI's Z-Image templates: Turbo 8 steps, cfg 1, zeroed negative; Base 25 steps, cfg 4;
-    both res_multistep/simple, AuraFlow shift 3, an empty SD3 latent at 1024²."""
-    for name, steps, cfg in (("z_image_turbo_int8_convrot_t2i", 8, 1.0), ("z_image_turbo_int8_convrot_lora", 8, 1.0),
-                             ("z_image_base_int8_convrot_t2i", 25, 4.0)):
-        nodes = {n["type"]: n for n in load(name)["nodes"]}
-        assert nodes["KSampler"]["widgets_values"][2:6] == [steps, cfg, "res_multistep", "simple"], name
-        assert nodes["ModelSamplingAuraFlow"]["widgets_values"] == [3]
-        assert nodes["EmptySD3LatentImage"]["widgets_values"] == [1024, 1024, 1]
-        assert ("ConditioningZeroOut" in nodes) == (steps == 8)
-        assert nodes["VAELoader"]["widgets_values"] == ["ae.safetensors"]
-        assert nodes["Int8ConvRotCLIPLoader"]["widgets_values"][:2] == ["qwen_3_4b_int8_convrot.safetensors", "lumina2"]
-        assert ("LoraLoaderModelOnly" in nodes) == name.endswith("lora")
-
-
 # -- on the server ------------------------------------------------------------------------------
+
+def test_template_browser_lists_the_examples(server):
+    """ComfyUI serves a pack's example_workflows/ to its template browser, under the pack's folder name."""
+    assert sorted(server.get("/workflow_templates")["ComfyUI-INT8-ConvRot"]) == NAMES
+    for name in NAMES:
+        assert server.get(f"/api/workflow_templates/ComfyUI-INT8-ConvRot/{name}.json") == load(name)
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_example_runs_on_a_real_server(server, name):
@@ -181,13 +154,17 @@ def test_examples_load_in_the_real_frontend(server, tmp_path):
 async def _load_each(server, chromium, out):
     async with chromium.page() as page:
         await page.navigate(server.url + "/")
-        await page.wait_for(f"!!({APP}?.graph && window.LiteGraph?.registered_node_types?.Int8ConvRotUNETLoader)", 120)
+        # Node types come in two waves: the server's, then the frontend's own (Note, ...) from its extensions.
+        await page.wait_for(f"!!({APP}?.graph && window.LiteGraph?.registered_node_types?.Int8ConvRotUNETLoader "
+                            "&& window.LiteGraph.registered_node_types.Note)", 120)
         for name in NAMES:
             wf = load(name)
             missing = await page.evaluate(f"{json.dumps(sorted({n['type'] for n in wf['nodes']}))}"
                                           ".filter(t => !window.LiteGraph.registered_node_types[t])")
             assert missing == [], (name, missing)
-            await page.evaluate(f"{APP}.loadGraphData({json.dumps(wf)}, true, true, {json.dumps(name)})"
+            # As the template browser opens it: fetched from the pack's template folder, then loaded.
+            await page.evaluate(f"fetch('/api/workflow_templates/ComfyUI-INT8-ConvRot/{name}.json')"
+                                f".then(r => r.json()).then(wf => {APP}.loadGraphData(wf, true, true, {json.dumps(name)}))"
                                 ".then(() => true)")
             saved = json.loads(await page.evaluate(f"JSON.stringify({APP}.graph.serialize())"))
             got = {n["id"]: (n["type"], n.get("widgets_values") or []) for n in saved["nodes"]}
@@ -200,6 +177,12 @@ async def _load_each(server, chromium, out):
             theirs = json.loads(await page.evaluate(f"{APP}.graphToPrompt().then(p => JSON.stringify(p.output))"))
             theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in theirs.items()}
             assert theirs == workflow_api.to_api(wf, server.object_info), name
-            await page.screenshot(out / f"{name}.png")
+            await page.evaluate(f"(() => {{ const c = {APP}.canvas; c.ds.offset = [40, 60]; c.ds.scale = 0.8; "
+                                "c.setDirty(true, true); return true; })()")
+            await asyncio.sleep(0.5)
+            shot = await page.screenshot(out / f"example_{name}.png")
+            with contextlib.suppress(OSError):   # for people to look at
+                SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, SCREENSHOTS / shot.name)
         ours = [e for e in page.errors if "int8_convrot" in e]
         assert not ours, ours

@@ -134,3 +134,12 @@ def test_fingerprint_follows_the_file(node, files):
     os.utime(files["int8"], ns=(10**18, 10**18))
     b = node.fingerprint_inputs(file="diffusion_models/tiny_zimage_int8.safetensors", bf16_source="none")
     assert a != b
+
+
+def test_file_name_from_the_converter_replaces_file(node, files):
+    """A bare name (the Converter's file_name output) is found in its folder and inspected instead of `file`."""
+    report, _, _ = run(node, file="none", file_name="tiny_qwen3_int8.safetensors")
+    assert report.startswith(run(node, file="text_encoders/tiny_qwen3_int8.safetensors")[0].splitlines()[0])
+    from comfyui_int8_convrot.engine.errors import Int8ConvRotError
+    with pytest.raises(Int8ConvRotError, match="missing.safetensors' is in none of diffusion_models, text_encoders"):
+        node.execute(file="none", file_name="missing.safetensors")
