@@ -116,11 +116,11 @@ def child(args) -> None:
                       "model": type(patcher.model.model_config).__name__, "device": device_name(dev)}))
 
 
-def make_lora(shape, rank: int, path: Path) -> None:
+def make_lora(shape, rank: int, path: Path, seed: int = 11) -> None:
     """rank-`rank` LoRA on every block Linear, main and refiner (ComfyUI key style), small enough to
     keep outputs sane."""
     from safetensors.torch import save_file
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(seed)
     d, f = shape.dim, shape.ffn
     sd = {}
     blocks = [f"layers.{i}" for i in range(shape.n_layers)]
