@@ -34,6 +34,10 @@ def use_backend(name: str):
         _FORCED.reset(token)
 
 
+# dynamo on torch <= 2.13 cannot trace ContextVar.get: each layer's backend choice broke the graph (4 breaks
+# per layer, fullgraph=True failed). Read once when dynamo traces instead: a compiled graph keeps the backend
+# it was traced with (use_backend is for tests and benchmarks: torch._dynamo.reset() after switching).
+@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     return _FORCED.get()
 

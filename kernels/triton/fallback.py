@@ -6,11 +6,13 @@ rotation + quantization for rotate_quantize — logs one warning per (op, device
 failing (op, device, shape) so it does not pay for a failed compile on every call. Input errors
 (ValueError/TypeError from our own checks) are not failures of Triton and still raise.
 
-Switch: INT8_CONVROT_TRITON_FALLBACK=0 re-raises instead (the GPU test tier sets it, so a broken kernel
-fails its test instead of passing on the fallback).
+Switch: INT8_CONVROT_TRITON_FALLBACK=0 re-raises instead (every kernel test sets it, so a broken kernel
+fails its test instead of passing on the fallback). The kernel wrappers count each launch (`launches()`):
+a test asserts a kernel really ran, not a torch path that gives the same numbers.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 
@@ -20,6 +22,7 @@ log = logging.getLogger("comfyui_int8_convrot.triton")
 ENV = "INT8_CONVROT_TRITON_FALLBACK"
 _FAILED: dict[tuple, str] = {}  # (op, device, shape key) → cause, for the calls that skip Triton
 _WARNED: set[tuple] = set()
+_LAUNCHES: collections.Counter = collections.Counter()  # op → Triton kernel launches in this process
 
 
 def enabled() -> bool:
@@ -34,7 +37,7 @@ def _cause(exc: BaseException) -> str:
 def run(op: str, device: torch.device, shape_key: tuple, fast, slow):
     """fast() (the Triton kernel) unless it failed before for this key; on failure slow(), warned once."""
     key = (op, str(device), shape_key)
-    if key in _FAILED:
+    if key in _FAILED and enabled():   # switched off: try again and raise, never a silent torch result
         return slow()
     try:
         return fast()
@@ -57,9 +60,20 @@ def failures() -> dict[tuple, str]:
     return dict(_FAILED)
 
 
+def launched(op: str) -> None:
+    """Called by a kernel wrapper once its Triton kernel launched."""
+    _LAUNCHES[op] += 1
+
+
+def launches() -> dict[str, int]:
+    """Triton kernel launches so far, per op (for tests: proof that the kernel, not torch, ran)."""
+    return dict(_LAUNCHES)
+
+
 def reset() -> None:
     _FAILED.clear()
     _WARNED.clear()
+    _LAUNCHES.clear()
 
 
 def int_mm(qx: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..lora_ranks import LORA_UP_RANKS
-from . import gemm_configs
+from . import fallback, gemm_configs
 from ._runtime import INTERPRET, device_guard
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -179,4 +179,5 @@ def int8_gemm_rescale_triton(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Te
                      z if z is not None else sw, up if up is not None else sw, zcol if zcol is not None else sw,
                      m, n, k, max(SMALL_M, triton.next_power_of_2(m)), qx.stride(0), codes.stride(0), y.stride(0),
                      z.stride(0) if z is not None else 0, HAS_BIAS=bias is not None, R=rank, **_FP_FUSION_OPTION)
+    fallback.launched("int8_gemm_lora" if rank else "int8_gemm")
     return y

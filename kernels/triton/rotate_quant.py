@@ -38,6 +38,7 @@ from ..hadamard import check_group_size, hadamard
 from ..lora_ranks import LORA_Z_RANKS
 from ..quantize import SCALE_FLOOR
 from ..rotation import check_divisible
+from . import fallback
 from ._runtime import INTERPRET, device_guard
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -277,4 +278,5 @@ def rotate_quantize_triton(x: torch.Tensor, group_size: int, down_t: torch.Tenso
             x, h, q, s, down_t if z is not None else s, z if z is not None else s, m, k, x.stride(0), q.stride(0),
             ROTATE=bool(group_size), NSUB=max(1, group_size // 64), BLOCK_M=block_m, INTERPRET=INTERPRET,
             R=rank, num_warps=warps, num_stages=stages, **_FP_FUSION_OPTION)
+    fallback.launched("rotate_quantize_down" if z is not None else "rotate_quantize")
     return (q, s) if z is None else (q, s, z)

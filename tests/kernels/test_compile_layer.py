@@ -14,9 +14,13 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not importable")
 pytestmark = pytest.mark.slow
+# torch 2.7's dynamo cannot iterate engine.linear.LowRankSet (a tuple subclass) in the LoRA path: a graph break
+# there, not yet removed. Measured: fullgraph passes on 2.11, 2.14 and 2.15.
+FULLGRAPH_LORA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
 
 
-@pytest.mark.parametrize("mode,backend", [("w8a16", None), ("w8a8", "triton")])
+@pytest.mark.parametrize("mode,backend", [("w8a16", None),
+                                          pytest.param("w8a8", "triton", marks=pytest.mark.triton_kernel)])
 def test_int8_linear_compiles_as_one_graph(mode, backend):
     import torch._dynamo
     from comfyui_int8_convrot.engine.linear import Int8Linear
@@ -33,6 +37,7 @@ def test_int8_linear_compiles_as_one_graph(mode, backend):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.triton_kernel
 def test_fused_lora_forward_compiles():
     """The LoRA-fused Triton ops (kernels/triton: rotate_quantize_down, int8_gemm_rescale_lora) under
     torch.compile, as ComfyUI's TorchCompileModel runs a patched layer: same result as eager."""
@@ -54,5 +59,5 @@ def test_fused_lora_forward_compiles():
     with use_backend("triton"):
         assert L.fuses_lowrank_triton(x, 64, terms, "w8a8")
         eager = f(x)
-        compiled = torch.compile(f, backend="inductor")(x)
+        compiled = torch.compile(f, backend="inductor", fullgraph=FULLGRAPH_LORA)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

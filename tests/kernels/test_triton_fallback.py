@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as test_triton_kernels.py: Triton decides at @triton.jit time
 
 import logging  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -94,3 +95,29 @@ def test_int_mm_helper_is_exact_for_any_shape():
         a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
         b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
         assert torch.equal(fallback.int_mm(a, b), (a.long() @ b.long().t()).int())
+
+
+def test_kernels_raise_a_clear_error_without_triton(monkeypatch):
+    """The package imports no Triton itself; without it a kernel call says so (no silent None stub) when
+    the fallback is switched off, and computes with torch (one warning) when it is on."""
+    import comfyui_int8_convrot.kernels.triton as pkg
+    from comfyui_int8_convrot.kernels.triton import fallback
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    for name in ("rotate_quant", "int8_gemm", "_runtime", "gemm_configs"):
+        monkeypatch.delitem(sys.modules, f"{pkg.__name__}.{name}", raising=False)
+        monkeypatch.delattr(pkg, name, raising=False)
+    gemm_args = (torch.zeros(1, 32, dtype=torch.int8), torch.ones(1, 1), torch.zeros(16, 32, dtype=torch.int8),
+                 torch.ones(16, 1), None, torch.float32)
+    monkeypatch.setenv(fallback.ENV, "0")
+    fallback.reset()
+    with pytest.raises(RuntimeError, match="need Triton"):
+        pkg.rotate_quantize(torch.randn(2, 64), 64)
+    with pytest.raises(RuntimeError, match="need Triton"):
+        pkg.int8_gemm_rescale(*gemm_args)
+    monkeypatch.setenv(fallback.ENV, "1")
+    try:
+        assert pkg.rotate_quantize(torch.randn(2, 64), 64)[0].shape == (2, 64)
+        assert torch.equal(pkg.int8_gemm_rescale(*gemm_args), torch.zeros(1, 16))
+        assert any("need Triton" in cause for cause in fallback.failures().values())
+    finally:
+        fallback.reset()

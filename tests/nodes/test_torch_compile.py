@@ -41,7 +41,7 @@ def _compile_node(patcher):
 
 # w8a8 on the Triton custom ops (run by the interpreter here; the GPU path). The CPU int8 GEMM backend is
 # not compile-ready: its prepack cache (engine/linear.py) reads data_ptr/is_inference, a graph break.
-MODES = [("w8a16", None), ("w8a8", "triton")]
+MODES = [("w8a16", None), pytest.param("w8a8", "triton", marks=pytest.mark.triton_kernel)]
 
 
 def _forced(backend):
