@@ -283,7 +283,10 @@ function pollFile(node, spec) {
   if (!value || value === "none") {
     st.data = null;
     st.dataKey = null;
-    const what = node.comfyClass === INSPECT ? "no file: inspects the connected MODEL" : "no file selected";
+    // Inspect takes its file from a connected file_name (the Converter's output) before the MODEL input.
+    const named = node.inputs?.find((i) => i.name === "file_name")?.link != null;
+    const what = node.comfyClass !== INSPECT ? "no file selected"
+      : named ? "inspects the file named by the connected file_name" : "no file: inspects the connected MODEL";
     render(node, "pending", [{ text: what }]);
     return;
   }
