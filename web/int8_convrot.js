@@ -277,14 +277,14 @@ function pollFile(node, spec) {
   const value = widgetNamed(node, spec.widget)?.value;
   const qol = widgetNamed(node, "quantize_on_load")?.value;
   const group = widgetNamed(node, "group_size")?.value;
-  const view = `${value}|${qol}|${group}`;
+  // Inspect takes its file from a connected file_name (the Converter's output) before the MODEL input.
+  const named = node.inputs?.find((i) => i.name === "file_name")?.link != null;
+  const view = `${value}|${qol}|${group}|${named}`;
   if (view === st.view) return;
   st.view = view;
   if (!value || value === "none") {
     st.data = null;
     st.dataKey = null;
-    // Inspect takes its file from a connected file_name (the Converter's output) before the MODEL input.
-    const named = node.inputs?.find((i) => i.name === "file_name")?.link != null;
     const what = node.comfyClass !== INSPECT ? "no file selected"
       : named ? "inspects the file named by the connected file_name" : "no file: inspects the connected MODEL";
     render(node, "pending", [{ text: what }]);
