@@ -32,11 +32,12 @@ def _requirement_lines(path: Path) -> list[str]:
     return out
 
 
-def closure(requirement_files) -> set[str]:
-    """Normalised names of the installed distributions those files pull in, transitively (markers
-    evaluated for this interpreter, extras followed)."""
+def closure(requirement_files, extra_requirements=()) -> set[str]:
+    """Normalised names of the installed distributions those files (and lines) pull in, transitively
+    (markers evaluated for this interpreter, extras followed)."""
     from packaging.requirements import Requirement
-    todo = [(Requirement(line), "") for f in requirement_files for line in _requirement_lines(f)]
+    lines = [line for f in requirement_files for line in _requirement_lines(f)] + list(extra_requirements)
+    todo = [(Requirement(line), "") for line in lines]
     seen: set[tuple[str, str]] = set()
     names: set[str] = set()
     while todo:
@@ -77,9 +78,9 @@ def _top_level(dist) -> set[str]:
     return tops
 
 
-def blocked_modules(requirement_files, extra_blocked=()) -> list[str]:
+def blocked_modules(requirement_files, extra_blocked=(), extra_requirements=()) -> list[str]:
     """Top-level module names that only undeclared distributions provide."""
-    allowed = closure(requirement_files)
+    allowed = closure(requirement_files, extra_requirements)
     allowed_mods: set[str] = set()
     other: set[str] = set(extra_blocked)
     for dist in md.distributions():

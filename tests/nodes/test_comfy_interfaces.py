@@ -74,7 +74,9 @@ def test_save_checkpoint_bakes_the_lora(files, unloaded):
     assert f"{QKV}.weight_scale" not in ours and f"{QKV}.comfy_quant" not in ours
     assert rel_err(ref[f"{QKV}.weight"].float(), w.float()) < 1e-5
     assert ours[f"{OUT}.weight"].dtype == torch.int8 and f"{OUT}.comfy_quant" in ours   # untouched layer
-    assert base.model.diffusion_model.get_submodule(QKV).weight is codes                  # model unchanged
+    import comfy.model_patcher
+    if hasattr(comfy.model_patcher.ModelPatcher, "model_state_dict_for_saving"):   # 0.29+: lazy, model untouched
+        assert base.model.diffusion_model.get_submodule(QKV).weight is codes          # (0.8.0 folds until unpatch)
 
 
 def test_state_dict_for_saving_while_offloaded(files, unloaded):
