@@ -66,7 +66,7 @@ fi
 
 build() {  # build NAME: the venv with that stack's pins, idempotent
   local name="$1" venv="$cache/stacks/$1"
-  local want; want="$(echo "$py312 ${STACKS[$name]} $DEPS" | sha256sum | cut -c1-16)"
+  local want; want="$(echo "$py312 ${STACKS[$name]} $DEPS editable-pack" | sha256sum | cut -c1-16)"
   [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$want" ] && return 0
   rm -rf "$venv"
   # Each step returns on failure: `set -e` does not apply inside a function called from an `if`, and a
@@ -75,6 +75,8 @@ build() {  # build NAME: the venv with that stack's pins, idempotent
   # One resolve for torch, Triton and the deps, so nothing upgrades torch behind the pins.
   PIP_CONSTRAINT="$cache/stacks/no-constraints.txt" "$venv/bin/python" -m pip install -q \
     ${STACKS[$name]} $DEPS || return 1
+  # The pack itself, editable and without its dependencies, for its console script (tests/engine/test_cli.py).
+  "$venv/bin/python" -m pip install -q --no-deps -e "$root" || return 1
   echo "$want" > "$venv/.stamp"
 }
 
