@@ -6,9 +6,8 @@ A quantized layer holds
 - `weight_scale`: float32 row scales (out, 1) (or one scale, (1, 1)),
 - `group_size`: the ConvRot group (None: not rotated), and an optional bias.
 The forward is `kernels.int8_linear` in the chosen mode. On CPU the w8a8 GEMM wants the weight
-prepacked; `PrepackCache` keeps that packed copy and rebuilds it whenever the codes or scales
-change or move (it keys on storage pointer, version counter and device, not on object identity,
-because `Module.to()` swaps `.data` under the same Parameter).
+prepacked; a `PrepackCache` per layer (kernels/cpu_prepack.py) keeps that packed copy and rebuilds it
+whenever the codes or scales change or move.
 
 LoRA stays exact without touching the codes: a low-rank term `s · (x·Aᵀ)·Bᵀ` is added to the
 INT8 output (`LowRankTerm`). A layer's terms are stacked once into one down (Σr, in) and one up
@@ -24,6 +23,7 @@ import torch
 
 from .. import kernels
 from ..kernels.lora_ranks import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
+from ..kernels.cpu_prepack import PrepackCache
 from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
 from .errors import FileFormatError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor
@@ -101,58 +101,6 @@ def pop_int8_layer(state_dict: dict, prefix: str, *, out_features: int | None = 
     for suffix in ("weight", QUANT_SUFFIX[1:], SCALE_SUFFIX[1:]) + tuple(s[1:] for s in IGNORED_SUFFIXES):
         state_dict.pop(prefix + suffix, None)
     return Int8Layer(weight, scale, quant)
-
-
-class PrepackCache:
-    """The CPU backend's packed copy of a weight, rebuilt when the codes/scales change or move.
-
-    It holds the storages it packed, so while the pack lives no other tensor can be allocated at the
-    addresses its key names: same address then means same storage, and the version counter says
-    whether that storage was written since (ComfyUI's inference-mode tensors have none; nothing in
-    ComfyUI writes int8 codes in place: see nodes/ops.py)."""
-
-    def __init__(self):
-        self._key = None
-        self._packed = None
-        self._held = None      # the packed codes' and scales' storages (see above)
-
-    @staticmethod
-    def _version(t: torch.Tensor) -> int:
-        return -1 if t.is_inference() else t._version
-
-    @classmethod
-    def _codes_key(cls, codes: torch.Tensor):
-        return (codes.device, codes.dtype, codes.data_ptr(), tuple(codes.shape), codes.stride(), cls._version(codes))
-
-    @classmethod
-    def _key_of(cls, codes: torch.Tensor, scale: torch.Tensor):
-        return cls._codes_key(codes) + (scale.device, scale.data_ptr(), tuple(scale.shape), cls._version(scale))
-
-    def get(self, codes: torch.Tensor, scale: torch.Tensor):
-        if codes.device.type != "cpu":
-            return None
-        key = self._key_of(codes, scale)
-        if key != self._key:
-            self.clear()
-            self._packed = kernels.prepack(codes, scale)
-            self._key = key
-            self._held = (codes.untyped_storage(), scale.untyped_storage())
-        return self._packed
-
-    def packed_from(self, codes) -> bool:
-        """Whether `codes` is the very tensor this pack was built from, unwritten since: same storage,
-        view and version. Cheap (no pass over the data), so a weight re-assigned by ComfyUI's unpatch
-        keeps its pack."""
-        if self._key is None or not isinstance(codes, torch.Tensor):
-            return False
-        return self._codes_key(codes) == self._key[:6]
-
-    def clear(self) -> None:
-        self._key = self._packed = self._held = None
-
-    @property
-    def is_packed(self) -> bool:
-        return self._packed is not None
 
 
 @dataclass(frozen=True)
@@ -344,7 +292,7 @@ def fuses_lowrank_triton(x: torch.Tensor, group_size: int | None, terms, mode: s
 def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  group_size: int | None, mode: str = "auto", cache: PrepackCache | None = None,
                  lowrank=()) -> torch.Tensor:
-    """One INT8 ConvRot Linear call; the CPU prepack is used only where w8a8 runs on the CPU GEMM.
+    """One INT8 ConvRot Linear call; `cache` keeps the weight's CPU pack where w8a8 runs on the CPU GEMM.
     LoRA terms are fused into the Triton W8A8 kernels where they can be, else added to the output."""
     if lowrank and fuses_lowrank_triton(x, group_size, lowrank, mode):
         terms = lowrank if isinstance(lowrank, LowRankSet) else LowRankSet(lowrank)
@@ -352,13 +300,7 @@ def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
         dot = kernels.lora_operand_dtype(x)   # x's dtype on GPUs; float32 where the dot cannot take it
         lora = stacked.fused_operands(codes.shape[0], dot, dot)
         return kernels.int8_linear(x, codes, scale, bias, group_size, mode, lora=lora)
-    packed = None
-    if cache is not None and x.device.type == "cpu" and x.numel():
-        tokens = x.numel() // x.shape[-1]
-        if (kernels.resolve_mode(mode, x, tokens) == "w8a8"
-                and kernels.select_gemm_backend(x.device) == "cpu"):
-            packed = cache.get(codes, scale)
-    y = kernels.int8_linear(x, codes, scale, bias, group_size, mode, packed=packed)
+    y = kernels.int8_linear(x, codes, scale, bias, group_size, mode, cache=cache)
     if lowrank:
         y = apply_lowrank(y, x, lowrank)
     return y

@@ -228,6 +228,9 @@ def backend() -> str:
     return "fp32_fallback"
 
 
+# Decided once per process; dynamo takes the answer as a constant instead of tracing the probe (an fbgemm
+# pack is an opaque object: a graph break at every layer).
+@torch.compiler.assume_constant_result
 def fast_backend_available() -> bool:
     """True when a fast int8 kernel passed the exactness probe (else the fp32 fallback is used,
     which is no faster than a float GEMM, so callers may prefer their w8a16 path)."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .act_quant import rotate_quantize_rows, rotated
+from .cpu_prepack import row_scales as _row_scales
 from .hadamard import check_group_size
 from .lora_ranks import LORA_UP_RANKS
 from .rotation import check_divisible
@@ -59,10 +60,6 @@ def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size
         check_divisible(codes.shape[1], group_size, "input dimension")
 
 
-def _row_scales(scale: torch.Tensor, n: int) -> torch.Tensor:
-    return scale.float().reshape(-1, 1).expand(n, 1) if scale.numel() == 1 else scale.float().reshape(n, 1)
-
-
 def linear_w8a16(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
                  out_dtype: torch.dtype) -> torch.Tensor:
     xr = rotated(x2, group_size).to(out_dtype)
@@ -89,7 +86,7 @@ def _gemm_rescale_torch(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, b
 
 
 def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias, group_size,
-                out_dtype: torch.dtype, packed=None, lora=None) -> torch.Tensor:
+                out_dtype: torch.dtype, packed=None, lora=None, cache=None) -> torch.Tensor:
     n = codes.shape[0]
     sw = _row_scales(scale, n)
     backend = backends.select_gemm_backend(x2.device)
@@ -112,9 +109,11 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
         return int8_gemm_rescale(qx, sx, codes, sw, bias, out_dtype)
     qx, sx = rotate_quantize_rows(x2, group_size)
     if backend == "cpu":
-        from .cpu_int8_gemm import int8_gemm_rowscaled, pack_int8_weight
-        return int8_gemm_rowscaled(qx, sx, packed if packed is not None else pack_int8_weight(codes, sw),
-                                   bias, out_dtype)
+        if packed is not None:   # a caller's own pack (benchmarks, comfy-kitchen's backend): eager only
+            from .cpu_int8_gemm import int8_gemm_rowscaled
+            return int8_gemm_rowscaled(qx, sx, packed, bias, out_dtype)
+        from .cpu_prepack import cpu_int8_gemm   # a custom op: torch.compile traces it as one node
+        return cpu_int8_gemm(qx, sx, codes, scale, bias, out_dtype, cache)
     if backend == "int_mm":
         return _gemm_rescale_torch(torch._int_mm(qx, codes.t()), sx, sw, bias, out_dtype)
     # reference: exact integer accumulation in float64 (|sum| < 2**53 for any K below 5e11).
@@ -150,11 +149,12 @@ def lora_operand_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                group_size: int | None = 64, mode: str = "auto", *, packed=None,
+                group_size: int | None = 64, mode: str = "auto", *, packed=None, cache=None,
                 out_dtype: torch.dtype | None = None, lora=None) -> torch.Tensor:
     """ConvRot-INT8 linear layer. `group_size` None/0 means the codes are not rotated.
 
-    `packed` is an optional backend-specific prepacked weight (see `prepack`), reused across calls.
+    On the CPU GEMM the weight is prepacked: `cache` (a `PrepackCache`, one per layer) keeps that pack across
+    calls, eager and compiled alike; `packed` is a pack the caller made itself (see `prepack`; eager only).
     `lora` = (down_t (K, RZ), up (N, R), zcol int32 (N,)) adds z = x·down_t, z[:, zcol[n]:zcol[n]+R]·up[n]
     to each output column n inside the W8A8 Triton pass (only where `fuses_lora(x, group_size, RZ, R, mode)`).
     """
@@ -171,7 +171,7 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias:
     elif chosen == "w8a16":
         y = linear_w8a16(x2, codes, scale, bias, group_size, out_dtype)
     else:
-        y = linear_w8a8(x2, codes, scale, bias, group_size, out_dtype, packed, lora)
+        y = linear_w8a8(x2, codes, scale, bias, group_size, out_dtype, packed, lora, cache)
     return y.reshape(*x.shape[:-1], codes.shape[0])
 
 

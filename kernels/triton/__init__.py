@@ -16,10 +16,8 @@ import torch
 
 from ..act_quant import rotate_quantize_rows
 from ..backends import triton_status
+from ..custom_ops import define
 from . import fallback
-
-NAMESPACE = "int8_convrot"
-
 
 def _kernels():
     """The kernel modules, or a clear error saying why Triton cannot run here."""
@@ -30,15 +28,6 @@ def _kernels():
             f"the Triton INT8 kernels need Triton ({triton_status()[1]}; import failed: {exc}); install it "
             "with `pip install triton` (Linux) or `triton-windows`, or use another backend") from exc
     return rotate_quant, int8_gemm
-
-
-def _existing(name: str):
-    """The op if this namespace already defines it (the package imported twice under two names,
-    e.g. as a ComfyUI custom-node folder and as `comfyui_int8_convrot`): re-defining would raise."""
-    try:
-        return getattr(getattr(torch.ops, NAMESPACE), name)
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def _rotate_quantize_impl(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,19 +104,10 @@ def _int8_gemm_rescale_lora_fake(qx, sx, codes, sw, bias, z, up, zcol, out_dtype
     return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
-def _define(name, impl, fake):
-    op = _existing(name)
-    if op is not None:
-        return op
-    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
-    op.register_fake(fake)
-    return getattr(getattr(torch.ops, NAMESPACE), name)
-
-
-rotate_quantize_op = _define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake)
-int8_gemm_rescale_op = _define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
-rotate_quantize_down_op = _define("rotate_quantize_down", _rotate_quantize_down_impl, _rotate_quantize_down_fake)
-int8_gemm_rescale_lora_op = _define("int8_gemm_rescale_lora", _int8_gemm_rescale_lora_impl,
+rotate_quantize_op = define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake)
+int8_gemm_rescale_op = define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
+rotate_quantize_down_op = define("rotate_quantize_down", _rotate_quantize_down_impl, _rotate_quantize_down_fake)
+int8_gemm_rescale_lora_op = define("int8_gemm_rescale_lora", _int8_gemm_rescale_lora_impl,
                                     _int8_gemm_rescale_lora_fake)
 
 

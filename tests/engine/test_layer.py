@@ -50,7 +50,8 @@ def test_shape_mismatch_names_the_layer():
 
 def test_prepack_cache_rebuilds_when_codes_change(monkeypatch):
     calls = []
-    monkeypatch.setattr(kernels, "prepack", lambda c, s: calls.append(1) or ("packed", len(calls)))
+    from comfyui_int8_convrot.kernels import cpu_prepack
+    monkeypatch.setattr(cpu_prepack, "pack_int8_weight", lambda c, s: calls.append(1) or ("packed", len(calls)))
     _, sd = layer_sd()
     codes, scale = sd["blk.proj.weight"].clone(), sd["blk.proj.weight_scale"].clone()
     cache = L.PrepackCache()
@@ -157,7 +158,8 @@ def test_int8_linear_module_close_to_float():
 
 def test_prepack_cache_takes_inference_mode_tensors(monkeypatch):
     """ComfyUI loads models under torch.inference_mode: such tensors have no version counter."""
-    monkeypatch.setattr(kernels, "prepack", lambda c, s: "packed")
+    from comfyui_int8_convrot.kernels import cpu_prepack
+    monkeypatch.setattr(cpu_prepack, "pack_int8_weight", lambda c, s: "packed")
     _, sd = layer_sd()
     with torch.inference_mode():
         codes, scale = sd["blk.proj.weight"].clone(), sd["blk.proj.weight_scale"].float() * 1
