@@ -217,25 +217,53 @@ def stack_lowrank(terms, device, dtype) -> StackedLowRank:
     return StackedLowRank(torch.cat(downs, dim=0).contiguous(), tuple(ups))
 
 
-class LowRankSet(tuple):
-    """A layer's LowRankTerms (a tuple) that keeps their stacked form per (device, dtype): built on
-    the first call, reused while the set lives (a new patch set is a new LowRankSet).
-    `keep=False` stacks per call instead (lowvram: the terms of an offloaded layer must not stay
-    on the compute device between calls)."""
+class LowRankSet:
+    """A layer's LowRankTerms (`terms`, compared and indexed like that tuple) that keeps their stacked
+    form per (device, dtype): built on the first call, reused while the set lives (a new patch set is a
+    new LowRankSet). `keep=False` stacks per call instead (lowvram: the terms of an offloaded layer must
+    not stay on the compute device between calls). A plain class, not a tuple subclass: torch 2.7's
+    dynamo cannot iterate a tuple subclass, so the forward reads `.terms` (`term_tuple`)."""
 
-    def __new__(cls, terms=(), keep: bool = True):
-        self = super().__new__(cls, terms)
+    def __init__(self, terms=(), keep: bool = True):
+        self.terms = tuple(terms)
         self._stacked = {} if keep else None
-        return self
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def __iter__(self):
+        return iter(self.terms)
+
+    def __getitem__(self, index):
+        return self.terms[index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LowRankSet):
+            other = other.terms
+        return isinstance(other, tuple) and self.terms == other
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"LowRankSet({self.terms!r})"
 
     def stacked(self, device, dtype) -> StackedLowRank:
         if self._stacked is None:
-            return stack_lowrank(self, device, dtype)
+            return stack_lowrank(self.terms, device, dtype)
         key = (torch.device(device), dtype)
         s = self._stacked.get(key)
         if s is None:
-            s = self._stacked[key] = stack_lowrank(self, device, dtype)
+            s = self._stacked[key] = stack_lowrank(self.terms, device, dtype)
         return s
+
+
+def term_tuple(terms) -> tuple:
+    """The terms as a plain tuple, from a LowRankSet or any sequence of LowRankTerms."""
+    return terms.terms if isinstance(terms, LowRankSet) else tuple(terms)
+
+
+def as_lowrank_set(terms) -> LowRankSet:
+    return terms if isinstance(terms, LowRankSet) else LowRankSet(terms)
 
 
 def join_lowrank(a, b):
@@ -244,16 +272,15 @@ def join_lowrank(a, b):
         return a
     if not a:
         return b
-    return LowRankSet(tuple(a) + tuple(b), keep=False)
+    return LowRankSet(term_tuple(a) + term_tuple(b), keep=False)
 
 
 def apply_lowrank(y: torch.Tensor, x: torch.Tensor, terms) -> torch.Tensor:
     """Add every term's contribution to y in place (y is the fresh output of the INT8 GEMM): one
     down GEMM and an addmm_ per row group, accumulating into y with no full-size temporary."""
-    if not terms or not x.numel():
+    terms = as_lowrank_set(terms)
+    if not len(terms.terms) or not x.numel():
         return y
-    if not isinstance(terms, LowRankSet):
-        terms = LowRankSet(terms)
     cd = lowrank_compute_dtype(x)
     s = terms.stacked(x.device, cd)
     x2 = x.reshape(-1, x.shape[-1])
@@ -283,6 +310,7 @@ def fuses_lowrank_triton(x: torch.Tensor, group_size: int | None, terms, mode: s
     """Whether these LoRA terms run fused into the Triton W8A8 kernels for x (CUDA, group size ≤ 64,
     fp16/bf16, see fused_layout): no extra pass over x or the output (RTX 3070 roofline, 3840² at 4096 tokens, rank 64:
     1.25× unfused, from the output's read-modify-write and a second read of x; ~1.06× fused)."""
+    terms = term_tuple(terms)
     if not terms or not x.is_floating_point():
         return False
     layout = fused_layout(_row_groups(terms))
@@ -294,14 +322,14 @@ def int8_forward(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
                  lowrank=()) -> torch.Tensor:
     """One INT8 ConvRot Linear call; `cache` keeps the weight's CPU pack where w8a8 runs on the CPU GEMM.
     LoRA terms are fused into the Triton W8A8 kernels where they can be, else added to the output."""
-    if lowrank and fuses_lowrank_triton(x, group_size, lowrank, mode):
-        terms = lowrank if isinstance(lowrank, LowRankSet) else LowRankSet(lowrank)
-        stacked = terms.stacked(x.device, lowrank_compute_dtype(x))
+    lowrank = as_lowrank_set(lowrank)
+    if len(lowrank.terms) and fuses_lowrank_triton(x, group_size, lowrank, mode):
+        stacked = lowrank.stacked(x.device, lowrank_compute_dtype(x))
         dot = kernels.lora_operand_dtype(x)   # x's dtype on GPUs; float32 where the dot cannot take it
         lora = stacked.fused_operands(codes.shape[0], dot, dot)
         return kernels.int8_linear(x, codes, scale, bias, group_size, mode, lora=lora)
     y = kernels.int8_linear(x, codes, scale, bias, group_size, mode, cache=cache)
-    if lowrank:
+    if len(lowrank.terms):
         y = apply_lowrank(y, x, lowrank)
     return y
 

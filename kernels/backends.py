@@ -135,6 +135,21 @@ def route(device: torch.device) -> Route:
 route.cache_clear = _route.cache_clear
 
 
+# The per-call questions the forward asks of the route are constants for dynamo: they are decided once per
+# device (probes, logging and lru_caches that dynamo would otherwise trace or break at).
+@torch.compiler.assume_constant_result
+def route_w8a8(device: torch.device) -> str | None:
+    """Who runs W8A8 on `device` by its route (None: W8A16 there)."""
+    return route(device).w8a8
+
+
+@torch.compiler.assume_constant_result
+def route_fallback(device: torch.device) -> str | None:
+    """What runs a call the route's W8A8 backend declines (None: W8A16)."""
+    return route(device).fallback
+
+
+@torch.compiler.assume_constant_result
 def select_gemm_backend(device: torch.device) -> str:
     forced = forced_backend()
     if forced is not None:

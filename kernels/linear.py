@@ -36,7 +36,7 @@ def resolve_mode(mode: str, x: torch.Tensor, tokens: int) -> str:
     if mode == "w8a16" or (mode == "w8a8" and (x.device.type == "cpu" or backends.forced_backend() is not None)):
         return mode
     if mode == "w8a8":   # asked for, but this device has no W8A8 route: W8A16 (its log line said why once)
-        return "w8a8" if backends.route(x.device).w8a8 else "w8a16"
+        return "w8a8" if backends.route_w8a8(x.device) else "w8a16"
     if tokens < W8A8_MIN_TOKENS:
         return "w8a16"
     if x.device.type == "cpu":
@@ -44,7 +44,7 @@ def resolve_mode(mode: str, x: torch.Tensor, tokens: int) -> str:
             return "w8a8"
         from .cpu_int8_gemm import fast_backend_available
         return "w8a8" if fast_backend_available() else "w8a16"
-    return "w8a8" if backends.route(x.device).w8a8 else "w8a16"
+    return "w8a8" if backends.route_w8a8(x.device) else "w8a16"
 
 
 def _check(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size) -> None:
@@ -100,7 +100,7 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
         y = ck_hip.int8_linear(x2, codes, sw, bias, group_size, out_dtype)
         if y is not None:
             return y
-        backend = backends.route(x2.device).fallback
+        backend = backends.route_fallback(x2.device)
         if backend is None:
             return linear_w8a16(x2, codes, scale, bias, group_size, out_dtype)
     if backend == "triton":
@@ -134,11 +134,14 @@ def fuses_lora(x: torch.Tensor, group_size: int | None, z_rank: int, up_rank: in
     from .triton.rotate_quant import fuses_down
     if not fuses_down(x.reshape(-1, x.shape[-1]), group_size, z_rank):
         return False
-    if x.is_cuda:
-        from .triton import gemm_configs
-        return gemm_configs.lora_keeps_best_tile(torch.cuda.get_device_capability(x.device),
-                                                 gemm_configs.device_smem_limit(x.device), up_rank)
-    return True
+    return not x.is_cuda or _lora_keeps_best_tile(x.device, up_rank)
+
+
+@torch.compiler.assume_constant_result   # device properties: a constant for dynamo, not traced per call
+def _lora_keeps_best_tile(device: torch.device, up_rank: int) -> bool:
+    from .triton import gemm_configs
+    return gemm_configs.lora_keeps_best_tile(torch.cuda.get_device_capability(device),
+                                             gemm_configs.device_smem_limit(device), up_rank)
 
 
 def lora_operand_dtype(x: torch.Tensor) -> torch.dtype:

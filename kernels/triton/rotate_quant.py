@@ -206,10 +206,14 @@ def dot_dtype(x: torch.Tensor) -> torch.dtype:
     bf16 MMA needs sm80+, and the interpreter multiplies bf16 as raw uint16 bits: upcast there."""
     if x.dtype == torch.float16:
         return torch.float16
-    if (x.dtype == torch.bfloat16 and not INTERPRET and x.is_cuda
-            and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+    if x.dtype == torch.bfloat16 and not INTERPRET and x.is_cuda and _bf16_mma(x.device):
         return torch.bfloat16
     return torch.float32
+
+
+@torch.compiler.assume_constant_result   # a device property: a constant for dynamo, not traced per call
+def _bf16_mma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def rotation_tile(group_size: int, device, dtype: torch.dtype) -> torch.Tensor:

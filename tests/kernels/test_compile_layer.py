@@ -14,9 +14,6 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not importable")
 pytestmark = pytest.mark.slow
-# torch 2.7's dynamo cannot iterate engine.linear.LowRankSet (a tuple subclass) in the LoRA path: a graph break
-# there, not yet removed. Measured: fullgraph passes on 2.11, 2.14 and 2.15.
-FULLGRAPH_LORA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 11)
 
 
 @pytest.mark.parametrize("mode,backend", [("w8a16", None), ("auto", None), ("w8a8", "cpu"), ("w8a8", "reference"),
@@ -89,5 +86,5 @@ def test_fused_lora_forward_compiles():
     with use_backend("triton"):
         assert L.fuses_lowrank_triton(x, 64, terms, "w8a8")
         eager = f(x)
-        compiled = torch.compile(f, backend="inductor", fullgraph=FULLGRAPH_LORA)(x)
+        compiled = torch.compile(f, backend="inductor", fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -39,9 +39,9 @@ def _compile_node(patcher):
     return out[0] if isinstance(out, tuple) else out.result[0]
 
 
-# w8a8 on the Triton custom ops (run by the interpreter here; the GPU path). The CPU int8 GEMM backend is
-# not compile-ready: its prepack cache (engine/linear.py) reads data_ptr/is_inference, a graph break.
-MODES = [("w8a16", None), pytest.param("w8a8", "triton", marks=pytest.mark.triton_kernel)]
+# auto on CPU: W8A8 on the CPU GEMM custom op (kernels/cpu_prepack.py), the layer's pack looked up inside it;
+# w8a8 on the Triton custom ops (run by the interpreter here; the GPU path).
+MODES = [("w8a16", None), ("auto", None), pytest.param("w8a8", "triton", marks=pytest.mark.triton_kernel)]
 
 
 def _forced(backend):
@@ -68,10 +68,11 @@ def test_our_layer_compiles_as_one_graph(comfy, int8_file, mode, backend):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_torch_compile_model_node_matches_eager(comfy, int8_file, caplog):
+@pytest.mark.parametrize("mode", ["w8a16", "auto"])
+def test_torch_compile_model_node_matches_eager(comfy, int8_file, caplog, mode):
     """The node on the whole model: compiles, runs, matches eager; dynamo's graph breaks (ComfyUI's own code
-    has some, e.g. a builtin open) are never in our files. w8a16 keeps inductor's work small; the custom
-    ops are covered by the fullgraph test above (the interpreter makes a whole-model w8a8 run take many
+    has some, e.g. a builtin open) are never in our files. auto is W8A8 on the CPU GEMM op here; the Triton
+    ops are covered by the fullgraph test above (the interpreter makes a whole-model Triton run take many
     minutes on 2 cores)."""
     import logging
     import torch._dynamo
@@ -80,7 +81,7 @@ def test_torch_compile_model_node_matches_eager(comfy, int8_file, caplog):
     gen = torch.Generator().manual_seed(3)
     inputs = (torch.randn(1, 16, 32, 32, generator=gen), torch.tensor([0.6]),
               torch.randn(1, TOKENS, 256, generator=gen))
-    patcher = load_unet(int8_file, "w8a16")
+    patcher = load_unet(int8_file, mode)
     torch._dynamo.reset()
     counters.clear()
     torch._logging.set_logs(graph_breaks=True)
@@ -96,4 +97,14 @@ def test_torch_compile_model_node_matches_eager(comfy, int8_file, caplog):
     ours = [r.getMessage() for r in caplog.records if "Graph break" in r.getMessage()
             and os.path.join(package, "comfyui_int8_convrot") in r.getMessage()]
     assert not ours, ours[0]
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    if mode == "w8a16":
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        return
+    # W8A8 rounds activations to int8: inductor's float rounding (bit-exact per layer, test above) moves a few
+    # codes across a .5 tie, and this tiny random model amplifies that (a 1e-6 relative nudge of its input
+    # moves eager W8A8's output by ~1.6%). So the compiled model is held to eager's accuracy against W8A16.
+    dense = _apply(load_unet(int8_file, "w8a16"), inputs)
+
+    def rel(a):
+        return float((a - dense).double().norm() / dense.double().norm())
+    assert rel(compiled) <= 1.5 * rel(eager) and rel(eager) < 0.1, (rel(compiled), rel(eager))
