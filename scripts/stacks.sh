@@ -2,7 +2,8 @@
 # The kernel and engine tier (no ComfyUI) on the torch/Triton stacks users run, each in its own venv under
 # .cache/stacks/<name> (built once from the registry; a stamp skips the install on a rerun, and
 # .cache/pip keeps the wheels). Per stack: the interpreter kernel tests (bench/gpu_check.sh --dry's GPU tier
-# included), the torch.compile test, the engine tests, then bench/aot_check.py (every launchable variant for
+# included), the torch.compile tests, the engine tests, bench/compile_graphs.py (dynamo's graphs and breaks
+# per case), then bench/aot_check.py (every launchable variant for
 # sm_80/86/89/90 with that Triton's ptxas). Each stack prints ONE result line; any failure fails the script.
 #   bash scripts/stacks.sh              every stack below
 #   bash scripts/stacks.sh host old     those stacks only
@@ -27,7 +28,7 @@ DEPS="numpy pillow safetensors einops tqdm packaging comfy-kitchen pytest scipy 
 # the torch.compile test, the layering test and gpu_check.sh --dry's GPU tier; the GPU host stack, the one
 # users' cloud GPUs run, also runs the rest of the kernel and engine tests (no ComfyUI).
 FOCUSED="tests/kernels/test_triton_kernels.py tests/kernels/test_triton_lora.py tests/kernels/test_triton_fallback.py
-         tests/kernels/test_compile_layer.py tests/test_layering.py"
+         tests/kernels/test_compile_layer.py tests/kernels/test_compile_gpu_routes.py tests/test_layering.py"
 declare -A TESTS=(
   [host]="tests/kernels tests/engine tests/test_layering.py"
   [new]="$FOCUSED"
@@ -113,6 +114,12 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {trit
     dry="; gpu_check.sh --dry exit $drc"
     [ "$drc" = 0 ] || rc=1
   fi
+  # torch.compile's graphs and breaks per case (the tests assert fullgraph; this puts the counts on the line).
+  local crc=0 graphs
+  TRITON_INTERPRET=1 PYTHONPATH="$cache/stacks/pp" "$py" bench/compile_graphs.py > "$log.compile" 2>&1 || crc=$?
+  graphs="$(grep -E '^torch.compile: ' "$log.compile" | tail -1 | sed -E 's/ \(torch [^)]*\)$//')"
+  [ -n "$graphs" ] || graphs="torch.compile check did not run (exit $crc: $(tail -1 "$log.compile"))"
+  [ "$crc" = 0 ] || rc=1
   env -u TRITON_INTERPRET PYTHONPATH="$cache/stacks/pp" "$py" bench/aot_check.py --jobs 2 \
     > "$log.aot" 2>&1 || arc=$?
   local variants fails
@@ -122,7 +129,7 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {trit
   local aot="compile check $fails failures of $variants variants"
   [ "$arc" = 0 ] || [ "$arc" = 1 ] || aot="compile check did not run (exit $arc: $(tail -1 "$log.aot"))"
   echo "stack $name: $versions: $passed passed, $skipped skipped, $failed failed, $errors errors (pytest exit $prc)$dry;" \
-       "$aot; $(( $(date +%s) - t0 )) s -> $([ "$rc" = 0 ] && echo OK || echo "FAILED (see $log, $log.aot)")"
+       "$graphs; $aot; $(( $(date +%s) - t0 )) s -> $([ "$rc" = 0 ] && echo OK || echo "FAILED (see $log, $log.compile, $log.aot)")"
   return "$rc"
 }
 
