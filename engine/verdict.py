@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass
+
+import torch
 
 from .errors import FileFormatError, Int8ConvRotError
 from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_json, parse_metadata
+from .linear import check_layer
 from .safetensors_header import Header, read_header
 
 FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
@@ -78,7 +80,6 @@ class FileSummary:
 
 
 _FLOATS = ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2")
-_SCALE_FORMATS = {"F32": ("f", 4), "F64": ("d", 8), "F16": ("e", 2)}
 
 
 def _read_json(fd: int, e, path, key: str) -> dict:
@@ -101,43 +102,39 @@ def _metadata_formats(metadata: dict) -> dict[str, str]:
         return {}
 
 
-def _scale_finite(fd: int, e) -> bool:
+# safetensors dtypes as torch reads them (anything else: the codes check reports it as uint8 bytes).
+_TORCH_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                 "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _meta_tensor(e) -> torch.Tensor:
+    """A data-less tensor with the entry's shape and dtype: what a check of shapes and dtypes needs."""
+    return torch.empty(e.shape, dtype=_TORCH_DTYPES.get(e.dtype, torch.uint8), device="meta")
+
+
+def _read_tensor(fd: int, e) -> torch.Tensor:
+    """The entry's values (a scale: a few KB), or its meta tensor where torch cannot read the dtype."""
+    dtype = _TORCH_DTYPES.get(e.dtype)
     raw = os.pread(fd, e.nbytes, e.begin)
-    if e.dtype == "BF16":   # bf16 is the top half of a float32
-        values = struct.unpack(f"<{len(raw) // 2}H", raw)
-        return all((v & 0x7F80) != 0x7F80 for v in values)
-    fmt = _SCALE_FORMATS.get(e.dtype)
-    if fmt is None:
-        return True
-    values = struct.unpack(f"<{len(raw) // fmt[1]}{fmt[0]}", raw)
-    return all(math.isfinite(v) for v in values)
+    if dtype is None or len(raw) != math.prod(e.shape) * dtype.itemsize:
+        return _meta_tensor(e)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(e.shape) if raw else torch.empty(e.shape, dtype=dtype)
 
 
 def _check_int8_layer(header: Header, fd: int, layer: str, quant: LayerQuant, path) -> None:
-    """validate_int8_layers + linear.check_layer, on header entries (same messages, same order)."""
+    """validate_int8_layers on header entries: linear.check_layer itself, on the codes' shape and dtype and
+    the scale's values (the same messages the loaders raise)."""
     codes = header.tensors.get(f"{layer}.weight")
     scale = header.tensors.get(f"{layer}{SCALE_SUFFIX}")
     if codes is None or scale is None:
         missing = "weight" if codes is None else SCALE_SUFFIX[1:]
         raise FileFormatError(f"INT8 layer without its {missing}", path=path, tensor=f"{layer}{QUANT_SUFFIX}",
                               hint="the file is incomplete; re-convert it")
-    where = dict(path=path, tensor=f"{layer}.weight")
-    if codes.dtype != "I8" or len(codes.shape) != 2:
-        raise FileFormatError(f"an int8_tensorwise layer must store int8 (out, in) codes, found {codes.dtype} "
-                              f"{list(codes.shape)}", **where, hint="the file is damaged or was written by another tool")
-    out_f, in_f = codes.shape
-    n = math.prod(scale.shape)
-    if n not in (1, out_f):
-        raise FileFormatError(f"weight_scale has {n} values; expected {out_f} (per row) or 1",
-                              path=path, tensor=f"{layer}{SCALE_SUFFIX}")
-    g = quant.group_size
-    if g is not None and in_f % g:
-        raise FileFormatError(f"ConvRot group size {g} does not divide the input dimension {in_f}",
-                              path=path, tensor=f"{layer}{QUANT_SUFFIX}",
-                              hint="the kernels reject this layer; re-convert with a group size that divides it")
-    if not _scale_finite(fd, scale):
-        raise FileFormatError("weight_scale holds NaN/Inf", path=path, tensor=f"{layer}{SCALE_SUFFIX}",
-                              hint="the file is damaged; re-convert it")
+    values = _read_tensor(fd, scale) if len(codes.shape) == 2 and codes.dtype == "I8" else _meta_tensor(scale)
+    if values.is_meta:   # no values to check: shape and dtype only (codes that are not int8 fail first)
+        values = torch.ones(values.shape)
+    check_layer(_meta_tensor(codes), values, quant, layer=layer, path=path)
 
 
 def loader_check(path, quantize: str | None = None) -> FileSummary:

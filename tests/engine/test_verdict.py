@@ -100,3 +100,35 @@ def test_cli_shows_the_loaders_reason(files, capsys):
     assert main(["inspect", str(files["int8"]), "--json"]) == 0
     import json
     assert json.loads(capsys.readouterr().out)["verdict"]["level"] == "ok"
+
+
+@pytest.mark.parametrize("edit", ["codes_f16", "codes_3d", "scale_count", "group_not_dividing", "inf_scale"])
+def test_verdict_and_state_dict_check_say_the_same(tmp_path, edit):
+    """A damaged INT8 layer: the header-only verdict and the loaders' tensor check (prepare_state_dict,
+    without loader_check first) refuse with the same message: both are linear.check_layer."""
+    import torch
+    from safetensors.torch import save_file
+    from comfyui_int8_convrot import kernels
+    from comfyui_int8_convrot.engine.format import LayerQuant
+    codes, scale = kernels.quantize_weight(torch.randn(96, 128, generator=torch.Generator().manual_seed(0)), 64)
+    group = 64
+    if edit == "codes_f16":
+        codes = codes.half()
+    elif edit == "codes_3d":
+        codes = codes.reshape(2, 48, 128)
+    elif edit == "scale_count":
+        scale = scale[:95]
+    elif edit == "group_not_dividing":
+        group = 256          # a power of 4 that does not divide in = 128
+    elif edit == "inf_scale":
+        scale = scale.clone()
+        scale[3] = float("inf")
+    sd = {"blk.proj.weight": codes, "blk.proj.weight_scale": scale,
+          "blk.proj.comfy_quant": LayerQuant(group_size=group).to_tensor()}
+    path = tmp_path / f"{edit}.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(FileFormatError) as verdict:
+        loader_check(path)
+    with pytest.raises(FileFormatError) as tensors:
+        prepare_state_dict(load_file(str(path)), None, path=path)
+    assert str(verdict.value) == str(tensors.value)
