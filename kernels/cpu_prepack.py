@@ -42,6 +42,11 @@ class PrepackCache:
         self.handle = next(_HANDLES)
         _LIVE[self.handle] = self
 
+    # A copied layer (copy.deepcopy, pickle) gets a cache of its own: a shared handle would make two layers
+    # repack each other's weights on every call.
+    def __reduce__(self):
+        return PrepackCache, ()
+
     @staticmethod
     def _version(t: torch.Tensor) -> int:
         return -1 if t.is_inference() else t._version

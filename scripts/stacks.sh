@@ -20,8 +20,6 @@ declare -A STACKS=(
   [old]="torch==2.7.1 triton==3.3.1 numpy"     # the floor
 )
 ORDER=(host new old)
-# The pack runs from the checkout (no install): its dependencies (pyproject.toml) and the test extras.
-DEPS="numpy pillow safetensors einops tqdm packaging comfy-kitchen pytest scipy requests convert-to-quant==1.3.4"
 # What runs where, so the matrix catches what differs between stacks (Triton's interpreter with numpy >= 2.4
 # before 3.7, Triton 3.3's autotuner without a driver, dynamo's graph breaks before torch 2.14, spills per
 # Triton version) within CI's 45 minutes: every stack runs the interpreter kernel tests with the fallback off,
@@ -67,17 +65,17 @@ fi
 
 build() {  # build NAME: the venv with that stack's pins, idempotent
   local name="$1" venv="$cache/stacks/$1"
-  local want; want="$(echo "$py312 ${STACKS[$name]} $DEPS editable-pack" | sha256sum | cut -c1-16)"
+  # The stamp names the pins and pyproject.toml (the pack's dependencies and test extras): a change rebuilds.
+  local want; want="$( (echo "$py312 ${STACKS[$name]}"; cat pyproject.toml) | sha256sum | cut -c1-16)"
   [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$want" ] && return 0
   rm -rf "$venv"
   # Each step returns on failure: `set -e` does not apply inside a function called from an `if`, and a
   # stamp written after a failed install would skip the install next time.
   "$py312" -m venv "$venv" || return 1
-  # One resolve for torch, Triton and the deps, so nothing upgrades torch behind the pins.
+  # One resolve for the pins and the pack (editable, for its console script: tests/engine/test_cli.py) with
+  # its dependencies and test extras from pyproject.toml, so nothing upgrades torch behind the pins.
   PIP_CONSTRAINT="$cache/stacks/no-constraints.txt" "$venv/bin/python" -m pip install -q \
-    ${STACKS[$name]} $DEPS || return 1
-  # The pack itself, editable and without its dependencies, for its console script (tests/engine/test_cli.py).
-  "$venv/bin/python" -m pip install -q --no-deps -e "$root" || return 1
+    ${STACKS[$name]} -e "$root[test]" || return 1
   echo "$want" > "$venv/.stamp"
 }
 

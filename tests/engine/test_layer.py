@@ -164,3 +164,15 @@ def test_prepack_cache_takes_inference_mode_tensors(monkeypatch):
     with torch.inference_mode():
         codes, scale = sd["blk.proj.weight"].clone(), sd["blk.proj.weight_scale"].float() * 1
     assert codes.is_inference() and L.PrepackCache().get(codes, scale) == "packed"
+
+
+def test_a_copied_layer_gets_its_own_pack():
+    """copy.deepcopy / pickle of a layer: a new cache and handle, so the two never repack each other."""
+    import copy
+    import pickle
+    layer = L.Int8Linear.from_float(torch.randn(96, 128, generator=torch.Generator().manual_seed(5)), None, 64, "w8a8")
+    x = torch.randn(4, 128)
+    layer(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin._cache.handle != layer._cache.handle and not twin._cache.is_packed
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
