@@ -14,7 +14,7 @@ import weakref
 import torch
 
 from .cpu_int8_gemm import int8_gemm_rowscaled, pack_int8_weight
-from .custom_ops import define
+from .custom_ops import caller, define
 
 _HANDLES = itertools.count(1)
 _LIVE: "weakref.WeakValueDictionary[int, PrepackCache]" = weakref.WeakValueDictionary()
@@ -99,7 +99,7 @@ def _cpu_int8_gemm_fake(qx, sx, codes, scale, bias, out_dtype, cache_handle):
     return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
-cpu_int8_gemm_op = define("cpu_int8_gemm", _cpu_int8_gemm_impl, _cpu_int8_gemm_fake)
+cpu_int8_gemm_op = caller(define("cpu_int8_gemm", _cpu_int8_gemm_impl, _cpu_int8_gemm_fake), _cpu_int8_gemm_impl)
 
 
 def cpu_int8_gemm(qx: torch.Tensor, sx: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,

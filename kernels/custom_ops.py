@@ -1,5 +1,7 @@
 """Defining the pack's torch custom ops (namespace `int8_convrot`) once per process. Each op comes with a
-fake (meta) kernel, so torch.compile traces a call as one opaque node instead of breaking the graph."""
+fake (meta) kernel, so torch.compile traces a call as one opaque node instead of breaking the graph.
+Eager calls skip the op's dispatcher (10-20 µs a call, measured on CPU) and run the implementation
+directly: only a graph being traced needs the op."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +26,13 @@ def define(name: str, impl, fake):
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
     op.register_fake(fake)
     return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def caller(op, impl):
+    """Call `op` where dynamo traces (a constant True there), `impl` itself in eager code."""
+    def call(*args):
+        if torch.compiler.is_compiling():
+            return op(*args)
+        return impl(*args)
+    call.op = op
+    return call

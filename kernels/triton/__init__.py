@@ -16,7 +16,7 @@ import torch
 
 from ..act_quant import rotate_quantize_rows
 from ..backends import triton_status
-from ..custom_ops import define
+from ..custom_ops import caller, define
 from . import fallback
 
 def _kernels():
@@ -104,11 +104,14 @@ def _int8_gemm_rescale_lora_fake(qx, sx, codes, sw, bias, z, up, zcol, out_dtype
     return qx.new_empty((qx.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
-rotate_quantize_op = define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake)
-int8_gemm_rescale_op = define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake)
-rotate_quantize_down_op = define("rotate_quantize_down", _rotate_quantize_down_impl, _rotate_quantize_down_fake)
-int8_gemm_rescale_lora_op = define("int8_gemm_rescale_lora", _int8_gemm_rescale_lora_impl,
-                                    _int8_gemm_rescale_lora_fake)
+rotate_quantize_op = caller(define("rotate_quantize", _rotate_quantize_impl, _rotate_quantize_fake),
+                            _rotate_quantize_impl)
+int8_gemm_rescale_op = caller(define("int8_gemm_rescale", _int8_gemm_rescale_impl, _int8_gemm_rescale_fake),
+                              _int8_gemm_rescale_impl)
+rotate_quantize_down_op = caller(define("rotate_quantize_down", _rotate_quantize_down_impl,
+                                        _rotate_quantize_down_fake), _rotate_quantize_down_impl)
+int8_gemm_rescale_lora_op = caller(define("int8_gemm_rescale_lora", _int8_gemm_rescale_lora_impl,
+                                          _int8_gemm_rescale_lora_fake), _int8_gemm_rescale_lora_impl)
 
 
 # The fused kernel's largest group (H_1024 = H4 ⊗ H4 ⊗ H_64 stages); larger powers of 4 (4096, ...)
