@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..kernels.lora_ranks import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
 from ..kernels.cpu_prepack import PrepackCache
 from ..kernels.hadamard import VALID_GROUP_SIZES, is_power_of_4
+from ..kernels.lora_ranks import LORA_SLICE_ALIGN, LORA_UP_RANKS, LORA_Z_RANKS
 from .errors import FileFormatError
 from .format import QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_tensor
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import backends
 from .act_quant import rotate_quantize_rows, rotated
-from .cpu_prepack import row_scales as _row_scales
+from .cpu_prepack import cpu_int8_gemm, row_scales as _row_scales
 from .hadamard import check_group_size
 from .lora_ranks import LORA_UP_RANKS
 from .rotation import check_divisible
@@ -110,9 +110,9 @@ def linear_w8a8(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias
     qx, sx = rotate_quantize_rows(x2, group_size)
     if backend == "cpu":
         if packed is not None:   # a caller's own pack (benchmarks, comfy-kitchen's backend): eager only
+            # (else the custom op, which torch.compile traces as one node, with the layer's cached pack)
             from .cpu_int8_gemm import int8_gemm_rowscaled
             return int8_gemm_rowscaled(qx, sx, packed, bias, out_dtype)
-        from .cpu_prepack import cpu_int8_gemm   # a custom op: torch.compile traces it as one node
         return cpu_int8_gemm(qx, sx, codes, scale, bias, out_dtype, cache)
     if backend == "int_mm":
         return _gemm_rescale_torch(torch._int_mm(qx, codes.t()), sx, sw, bias, out_dtype)
