@@ -126,5 +126,15 @@ def parse_metadata(metadata: dict[str, str] | None, *, path=None) -> dict[str, L
     return {name: parse_layer_json(cfg, path=path, layer=name) for name, cfg in obj.get("layers", {}).items()}
 
 
+def metadata_layer_configs(metadata: dict[str, str] | None) -> dict[str, dict]:
+    """The header's per-layer JSON objects as written, {} when absent or unreadable: for looking at a file
+    (inspection, naming its formats); `parse_metadata` is what the loaders read, and raises."""
+    try:
+        layers = json.loads((metadata or {}).get(METADATA_KEY, "{}")).get("layers", {}) or {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {k: v for k, v in layers.items() if isinstance(v, dict)} if isinstance(layers, dict) else {}
+
+
 def quantized_layer_names(keys) -> list[str]:
     return sorted(k[: -len(QUANT_SUFFIX)] for k in keys if k.endswith(QUANT_SUFFIX))

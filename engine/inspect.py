@@ -7,7 +7,8 @@ import os
 from collections import Counter
 
 from .errors import FileFormatError
-from .format import METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS, convrot_group_size
+from .format import (METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, SUPPORTED_FORMAT_VERSIONS, convrot_group_size,
+                     metadata_layer_configs)
 from .policy import detect_preset
 from .safetensors_header import read_header
 from .safetensors_writer import human_bytes
@@ -20,14 +21,6 @@ FLOAT_DTYPES = ("BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 def _read_json_tensor(fd: int, begin: int, end: int):
     raw = os.pread(fd, end - begin, begin)
     return json.loads(raw.decode("utf-8"))
-
-
-def _metadata_layers(meta: dict) -> dict:
-    try:
-        layers = json.loads(meta.get(METADATA_KEY, "{}")).get("layers", {}) or {}
-    except (json.JSONDecodeError, AttributeError):
-        return {}
-    return {k: v for k, v in layers.items() if isinstance(v, dict)} if isinstance(layers, dict) else {}
 
 
 def _layer_kind(cfg: dict) -> str:
@@ -83,7 +76,7 @@ def inspect_file(path) -> dict:
                 continue
             count(name[: -len(QUANT_SUFFIX)], cfg)
         # Layers described only in the header (the loaders restore their comfy_quant from it).
-        for base, cfg in _metadata_layers(header.metadata).items():
+        for base, cfg in metadata_layer_configs(header.metadata).items():
             codes = tensors.get(base + ".weight")
             if base + QUANT_SUFFIX not in tensors and codes is not None and codes.dtype == "I8":
                 count(base, cfg)

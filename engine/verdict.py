@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FileFormatError, Int8ConvRotError
-from .format import INT8_FORMAT, METADATA_KEY, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, parse_layer_json, parse_metadata
+from .format import (INT8_FORMAT, QUANT_SUFFIX, SCALE_SUFFIX, LayerQuant, metadata_layer_configs, parse_layer_json,
+                     parse_metadata)
 from .linear import check_layer
 from .safetensors_header import Header, read_header
 
@@ -92,16 +93,6 @@ def _read_json(fd: int, e, path, key: str) -> dict:
     return cfg
 
 
-def _metadata_formats(metadata: dict) -> dict[str, str]:
-    """{layer: format} from the header's _quantization_metadata, {} when absent or unreadable (then
-    parse_metadata raises the loaders' own error)."""
-    try:
-        layers = json.loads(metadata.get(METADATA_KEY, "{}")).get("layers", {}) or {}
-        return {k: str(v.get("format")) for k, v in layers.items() if isinstance(v, dict)}
-    except (json.JSONDecodeError, AttributeError):
-        return {}
-
-
 # safetensors dtypes as torch reads them (anything else: the codes check reports it as uint8 bytes).
 _TORCH_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
                  "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -113,12 +104,12 @@ def _meta_tensor(e) -> torch.Tensor:
     return torch.empty(e.shape, dtype=_TORCH_DTYPES.get(e.dtype, torch.uint8), device="meta")
 
 
-def _read_tensor(fd: int, e) -> torch.Tensor:
-    """The entry's values (a scale: a few KB), or its meta tensor where torch cannot read the dtype."""
+def _read_tensor(fd: int, e) -> torch.Tensor | None:
+    """The entry's values (a scale: a few KB); None where torch cannot read its dtype or its bytes."""
     dtype = _TORCH_DTYPES.get(e.dtype)
     raw = os.pread(fd, e.nbytes, e.begin)
     if dtype is None or len(raw) != math.prod(e.shape) * dtype.itemsize:
-        return _meta_tensor(e)
+        return None
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(e.shape) if raw else torch.empty(e.shape, dtype=dtype)
 
 
@@ -131,9 +122,9 @@ def _check_int8_layer(header: Header, fd: int, layer: str, quant: LayerQuant, pa
         missing = "weight" if codes is None else SCALE_SUFFIX[1:]
         raise FileFormatError(f"INT8 layer without its {missing}", path=path, tensor=f"{layer}{QUANT_SUFFIX}",
                               hint="the file is incomplete; re-convert it")
-    values = _read_tensor(fd, scale) if len(codes.shape) == 2 and codes.dtype == "I8" else _meta_tensor(scale)
-    if values.is_meta:   # no values to check: shape and dtype only (codes that are not int8 fail first)
-        values = torch.ones(values.shape)
+    values = _read_tensor(fd, scale) if len(codes.shape) == 2 and codes.dtype == "I8" else None
+    if values is None:   # no values to check, only the count (codes that are not int8 fail first)
+        values = torch.ones(scale.shape)
     check_layer(_meta_tensor(codes), values, quant, layer=layer, path=path)
 
 
@@ -156,7 +147,9 @@ def loader_check(path, quantize: str | None = None) -> FileSummary:
             fmt = cfg.get("format")
             if fmt != INT8_FORMAT and fmt not in FP8_FORMATS:
                 raise native_format_error(str(fmt), path=path, tensor=key)
-        for layer, fmt in _metadata_formats(header.metadata).items():   # files that describe layers in the header
+        # Files that describe their layers in the header (unreadable metadata: parse_metadata raises below).
+        for layer, cfg in metadata_layer_configs(header.metadata).items():
+            fmt = str(cfg.get("format"))
             if fmt != INT8_FORMAT and fmt in NATIVE_FORMATS and fmt not in FP8_FORMATS:
                 raise native_format_error(fmt, path=path, tensor=f"{layer}.weight")
         meta_layers = parse_metadata(header.metadata, path=path) or {}
