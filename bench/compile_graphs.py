@@ -17,7 +17,7 @@ import sys
 import torch
 
 from comfyui_int8_convrot.engine import linear as L  # noqa: E402
-from comfyui_int8_convrot.kernels import backends, quantize_weight, triton_status, use_backend  # noqa: E402
+from comfyui_int8_convrot.kernels import quantize_weight, triton_status, use_backend  # noqa: E402
 from comfyui_int8_convrot.kernels.cpu_int8_gemm import backend as cpu_gemm  # noqa: E402
 
 
@@ -64,7 +64,6 @@ def main() -> int:
     whole = sum(1 for g, b in rows if g == 1 and b == 0)
     print(f"torch.compile: {whole} of {len(rows)} cases one graph, "
           f"{sum(b for _, b in rows)} breaks (torch {torch.__version__})")
-    backends.route.cache_clear()
     return 0 if whole == len(rows) else 1
 
 

@@ -125,7 +125,8 @@ def summarize(info: dict, bf16_bytes: int, refusal: str | None = None) -> dict:
     elif refusal is None and level == "bad":     # they read it: never red
         level = "warn"
     return {
-        "level": level, "refusal": refusal, "native_format": native[0] if level == "bad" and native else None, "title": title, "lines": [line1, line2, line3], "warnings": warnings,
+        "level": level, "refusal": refusal, "native_format": native[0] if level == "bad" and native else None,
+        "title": title, "lines": [line1, line2, line3], "warnings": warnings,
         "format": fmt, "quantized": int8, "unrotated": unrotated, "other_quantized": other_quant, "kept": kept,
         "group_sizes": [g for g, _ in groups], "scaling": sorted(scaling), "preset": info["preset"],
         "size_bytes": size, "bf16_bytes": bf16_bytes, "size_ratio": ratio,

@@ -183,9 +183,7 @@ def cuda_ok(device: torch.device) -> tuple[bool, str]:
     configs were compiled and checked). Elsewhere, AMD included, comfy-kitchen keeps every call: on ROCm its
     HIP backend is not shadowed, as ours was never measured faster there."""
     r = backends.route(device)
-    if r.w8a8 != "triton":
-        return False, r.why
-    return True, r.why
+    return r.w8a8 == "triton", r.why
 
 
 def cpu_ok() -> tuple[bool, str]:

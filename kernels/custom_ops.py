@@ -34,5 +34,4 @@ def caller(op, impl):
         if torch.compiler.is_compiling():
             return op(*args)
         return impl(*args)
-    call.op = op
     return call

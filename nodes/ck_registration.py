@@ -166,8 +166,9 @@ def install(force: bool = False) -> dict:
         serves = _who_serves(registry)
         _state.update(registered=True, enabled=True, serves=serves,
                       reason=f"registered with comfy-kitchen {_version()} ahead of {priority[1:]}; it takes only "
-                             "the calls it serves faster (CPU: measured; NVIDIA sm_80/86/89/90 Triton, group <= 64: by design; "
-                             "never a call on AMD/ROCm, which comfy-kitchen's HIP backend or its others keep)")
+                             "the calls it serves faster (CPU: measured; NVIDIA sm_80/86/89/90 Triton, group <= 64: "
+                             "by design; never a call on AMD/ROCm, which comfy-kitchen's HIP backend or its others "
+                             "keep)")
         log.info("INT8 ConvRot: comfy-kitchen int8_linear served by %s, because the pack's backend is %s "
                  "(switch: %s=0 or the INT8 ConvRot setting)", _summary(serves), _state["reason"], ENV)
         return dict(_state)

@@ -16,8 +16,8 @@ from comfy_api.latest import io, ui
 from ..engine.errors import Int8ConvRotError
 from ..engine.facts import badge_text, file_facts
 from ..engine.plot import plot_quality
-from .errors import shown_as
 from ..engine.quality import analyze, count_file_layers, iter_file_layers, iter_module_layers, SourceWeights
+from .errors import shown_as
 
 FOLDERS = ("diffusion_models", "text_encoders")
 NONE = "none"

@@ -143,10 +143,6 @@ class _Int8Weight:
             object.__setattr__(self, "_lvp_cache", None)
         super().__setattr__(name, value)
 
-    def drop_pack(self) -> None:
-        """Free the CPU packed copy (ComfyUI frees the model's memory); the next CPU forward re-packs."""
-        self._pack.clear()
-
     @property
     def is_quantized(self) -> bool:
         return self.weight is not None and self.weight.dtype == torch.int8
@@ -533,12 +529,13 @@ class Int8ModelPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def drop_packs(model: torch.nn.Module) -> int:
-    """Free every CPU packed copy in `model`; returns how many there were."""
+    """Free every CPU packed copy in `model` (ComfyUI frees the model's memory; the next CPU forward
+    re-packs); returns how many there were."""
     n = 0
     for m in model.modules():
         if isinstance(m, _Int8Weight):
             n += m._pack.is_packed
-            m.drop_pack()
+            m._pack.clear()
     return n
 
 
@@ -553,5 +550,4 @@ def count_quantized(model: torch.nn.Module) -> tuple[int, int]:
 
 
 __all__ = ["Int8ConvRotEmbedding", "Int8ConvRotLinear", "Int8ModelPatcher", "count_quantized", "drop_packs",
-           "load_context",
-           "lowrank_terms", "make_ops"]
+           "load_context", "lowrank_terms", "make_ops"]

@@ -19,6 +19,7 @@ from ..backends import triton_status
 from ..custom_ops import caller, define
 from . import fallback
 
+
 def _kernels():
     """The kernel modules, or a clear error saying why Triton cannot run here."""
     try:
